@@ -1,0 +1,1 @@
+"""Media decoding, manifests, features and datasets."""

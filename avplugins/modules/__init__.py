@@ -1,0 +1,1 @@
+"""Pure torch building blocks; nothing here imports fairseq."""

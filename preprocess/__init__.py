@@ -1,0 +1,1 @@
+"""Corpus preparation: manifests, counts, vocabularies, mouth crops, synthetic corpora."""
