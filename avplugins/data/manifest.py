@@ -301,6 +301,14 @@ def select_labels(entries: Sequence[ManifestEntry], labels: Sequence[str]) -> Li
     return [labels[entry.line_number - 2] for entry in entries]
 
 
+def count_media(video_path: Optional[str], audio_path: Optional[str]) -> Tuple[int, int]:
+    """(video frames at 25 fps, audio samples at 16 kHz) by decoding; 0 for an absent path.
+    Raises ``MediaError`` for a file that cannot be decoded."""
+    num_video_frames = count_video_frames(video_path, fps=VIDEO_FPS) if video_path else 0
+    num_audio_samples = count_audio_samples(audio_path, sample_rate=AUDIO_SAMPLE_RATE) if audio_path else 0
+    return num_video_frames, num_audio_samples
+
+
 def _entry_problem(entry: ManifestEntry, check_files: bool, check_counts: bool) -> Optional[Tuple[str, str]]:
     """(problem, fix) for one parsed entry's media files, or None when they pass."""
     media = [(entry.video_path, "video"), (entry.audio_path, "audio")]
@@ -309,20 +317,17 @@ def _entry_problem(entry: ManifestEntry, check_files: bool, check_counts: bool) 
         return "; ".join(missing), _ROW_FIX["missing"]
     if not check_counts:
         return None
-    mismatches = []
     try:
-        if entry.video_path:
-            actual = count_video_frames(entry.video_path, fps=VIDEO_FPS)
-            if abs(actual - entry.num_video_frames) > VIDEO_FRAME_TOLERANCE:
-                mismatches.append(f"num_video_frames is {entry.num_video_frames} but the video has {actual} "
-                                  f"frames at {VIDEO_FPS:g} fps")
-        if entry.audio_path:
-            actual = count_audio_samples(entry.audio_path, sample_rate=AUDIO_SAMPLE_RATE)
-            if abs(actual - entry.num_audio_samples) > AUDIO_SAMPLE_TOLERANCE:
-                mismatches.append(f"num_audio_samples is {entry.num_audio_samples} but the audio has {actual} "
-                                  f"samples at {AUDIO_SAMPLE_RATE} Hz")
+        num_video_frames, num_audio_samples = count_media(entry.video_path, entry.audio_path)
     except MediaError as e:
         return f"cannot decode: {e}", _ROW_FIX["decode"]
+    mismatches = []
+    if abs(num_video_frames - entry.num_video_frames) > VIDEO_FRAME_TOLERANCE:
+        mismatches.append(f"num_video_frames is {entry.num_video_frames} but the video has {num_video_frames} "
+                          f"frames at {VIDEO_FPS:g} fps")
+    if abs(num_audio_samples - entry.num_audio_samples) > AUDIO_SAMPLE_TOLERANCE:
+        mismatches.append(f"num_audio_samples is {entry.num_audio_samples} but the audio has {num_audio_samples} "
+                          f"samples at {AUDIO_SAMPLE_RATE} Hz")
     return ("; ".join(mismatches), _ROW_FIX["count"]) if mismatches else None
 
 

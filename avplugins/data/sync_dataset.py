@@ -71,7 +71,6 @@ class ClipSamplingConfig:
     crop_size: int = 224
     resize_short_side: Optional[int] = None
     audio_jitter_s: float = 0.05
-    hflip_p: float = 0.5
     sometimes_upscale_p: float = 0.0
     color_augment: bool = False
     skip_invalid: bool = False
@@ -155,8 +154,8 @@ class _AVClipDataset(FairseqDataset):
             train=rng is not None,
             rng=rng,
             color_augment=self.config.color_augment,
-            hflip_p=self.config.hflip_p,
-            sometimes_upscale_p=self.config.sometimes_upscale_p,
+            small_crop_p=self.config.sometimes_upscale_p,
+            short_side=self.config.resize_short_side,
         )  # (span_frames, 3, H, W)
         frame_starts = sync_sampling.segment_start_frames(layout, 0)
         frame_index = torch.as_tensor(frame_starts[:, None] + np.arange(layout.segment_frames))

@@ -7,7 +7,7 @@ memory-efficient, CPU flash) are used wherever PyTorch has them. Checkpoints of 
 projects with separate query/key/value projections are remapped onto the fused ``qkv``
 projection by the importers in ``avplugins.convert``.
 """
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +35,31 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc1 -> activation -> dropout -> fc2 -> dropout``."""
+    """``fc1 -> activation -> activation_dropout -> fc2 -> dropout``.
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", dropout: float = 0.0):
+    ``activation_dropout`` defaults to ``dropout``; wav2vec2-style encoders set it apart
+    (their ``activation_dropout`` is 0 while ``dropout`` is 0.1).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        activation_dropout: Optional[float] = None,
+    ):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = {"gelu": nn.GELU(), "relu": nn.ReLU()}[activation]
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(
+            dropout if activation_dropout is None else activation_dropout
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        return self.dropout(self.fc2(self.activation_dropout(self.act(self.fc1(x)))))
 
 
 class MultiHeadAttention(nn.Module):
@@ -123,6 +137,7 @@ class TransformerBlock(nn.Module):
         drop_path: stochastic-depth rate of both residual branches.
         norm_eps: LayerNorm epsilon (1e-6 ViT/Motionformer, 1e-12 AST, 1e-5 PyTorch default).
         activation: ``gelu`` or ``relu``.
+        activation_dropout: dropout after the MLP activation (default: ``dropout``).
     """
 
     def __init__(
@@ -136,12 +151,13 @@ class TransformerBlock(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
         activation: str = "gelu",
+        activation_dropout: Optional[float] = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MultiHeadAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation, dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation, dropout, activation_dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(
@@ -165,3 +181,22 @@ class TransformerBlock(nn.Module):
         if return_ffn_output:
             return x, ffn_output
         return x
+
+
+def init_transformer_weights(
+    module: nn.Module, tokens: Iterable[nn.Parameter] = (), std: float = 0.02
+) -> None:
+    """ViT-style init, in place: linear and convolution weights and the learned ``tokens``
+    (CLS tokens, position embeddings) from a normal with ``std`` truncated at 2 std, zero
+    biases; LayerNorm weight 1, bias 0."""
+    truncated_normal = dict(std=std, a=-2 * std, b=2 * std)
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.trunc_normal_(sub.weight, **truncated_normal)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+    for token in tokens:
+        nn.init.trunc_normal_(token, **truncated_normal)

@@ -3,6 +3,7 @@
 The `espeakng_loader` wheel ships libespeak-ng and its data, so nothing is installed system-wide.
 The library keeps global state, so one `Espeak` per process (see `get_espeak`).
 """
+import _ctypes
 import ctypes
 from dataclasses import dataclass
 
@@ -65,20 +66,37 @@ class Utterance:
 
 
 class Espeak:
-    """Synchronous eSpeak NG synthesiser reporting phoneme events (one per process)."""
+    """Synchronous eSpeak NG synthesiser reporting phoneme events (one per process).
+
+    eSpeak keeps signal state (pitch flutter phase, resonators) from one utterance to the next, so
+    the same call would sound slightly different depending on what was spoken before. Every
+    `synthesize` therefore starts from a freshly loaded library (about 1 ms): its output depends
+    only on its arguments, whichever worker process runs it.
+    """
 
     def __init__(self):
         import espeakng_loader
 
-        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        data_path = espeakng_loader.get_data_path().encode()
-        self.sample_rate = self._lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, INITIALIZE_PHONEME_EVENTS)
-        if self.sample_rate <= 0:
-            raise RuntimeError(f"eSpeak NG failed to initialise with data at {data_path.decode()}")
+        self._library_path = espeakng_loader.get_library_path()
+        self._data_path = espeakng_loader.get_data_path()
+        self._lib = None
+        self.sample_rate = None
         self._chunks = []
         self._events = []
-        # keep a reference: the C library calls it until the process ends
+        # one ctypes callback object for the process: the C library keeps calling it
         self._callback = _SynthCallback(self._collect)
+
+    def _reload(self):
+        """Unload the library (resetting all its static state), load and initialise it again."""
+        if self._lib is not None:
+            self._lib.espeak_Terminate()
+            _ctypes.dlclose(self._lib._handle)
+        self._lib = ctypes.CDLL(self._library_path)
+        self.sample_rate = self._lib.espeak_Initialize(
+            AUDIO_OUTPUT_SYNCHRONOUS, 0, self._data_path.encode(), INITIALIZE_PHONEME_EVENTS
+        )
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"eSpeak NG failed to initialise with data at {self._data_path}")
         self._lib.espeak_SetSynthCallback(self._callback)
 
     def _collect(self, wav, num_samples, events):
@@ -96,6 +114,7 @@ class Espeak:
     def synthesize(self, text, voice="en-us", rate_wpm=160, pitch=50, rand_seed=0):
         """Speak `text` with eSpeak voice name `voice` (e.g. "en-gb-x-rp+f2"), `rate_wpm` words per
         minute and base `pitch` (0-99); `rand_seed` fixes eSpeak's internal randomness."""
+        self._reload()
         if self._lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
             raise ValueError(f"eSpeak NG has no voice {voice!r}: use a name like 'en-us' or 'en-us+f2'")
         self._lib.espeak_SetParameter(PARAM_RATE, int(rate_wpm), 0)

@@ -1,0 +1,263 @@
+"""Motionformer video tower of Synchformer (ViT-B/16, divided space-time attention, 2x16x16
+tubelets) with the per-frame spatial aggregation, and the CLS-token aggregation layer that
+the AST tower shares.
+
+Layout of one segment: T frames -> t = T / tubelet_size temporal slots x (h x w) patches,
+token order time-major (token ``1 + i * h * w + j`` is patch j of slot i), CLS first.
+A block is: time attention (``time_norm``, no drop-path) -> space attention (``norm1``,
+drop-path) -> MLP (``norm2``, drop-path). In both attentions the CLS query attends to every
+token, and every patch query attends to the CLS token plus the patches of its own slot
+(space) or of its own spatial position (time).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avplugins.modules.attention import (
+    DropPath,
+    Mlp,
+    MultiHeadAttention,
+    TransformerBlock,
+    init_transformer_weights,
+)
+
+SPACE = "space"
+TIME = "time"
+
+
+class DividedSpaceTimeAttention(MultiHeadAttention):
+    """Self-attention restricted to one axis of a (t, p) token grid, with a global CLS token.
+
+    Same parameters as :class:`MultiHeadAttention` (fused ``qkv``, ``proj``); only the
+    attention pattern differs.
+    """
+
+    def forward(self, x: torch.Tensor, num_slots: int, axis: str) -> torch.Tensor:  # type: ignore[override]
+        """
+        Args:
+            x: (B, 1 + t * p, D) tokens: CLS then t temporal slots of p patches each.
+            num_slots: t.
+            axis: ``"space"`` (patches of the same slot attend to each other) or
+                ``"time"`` (patches at the same spatial position attend to each other).
+        Returns:
+            (B, 1 + t * p, D)
+        """
+        if axis not in (SPACE, TIME):
+            raise ValueError(f"axis must be {SPACE!r} or {TIME!r}, got {axis!r}")
+        batch, num_tokens, dim = x.shape
+        num_patches = (num_tokens - 1) // num_slots
+        if num_slots * num_patches != num_tokens - 1:
+            raise ValueError(f"{num_tokens - 1} patch tokens do not split into {num_slots} slots")
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        cls_out = F.scaled_dot_product_attention(query[:, :, :1], key, value, dropout_p=dropout_p)
+
+        def groups(tokens: torch.Tensor) -> torch.Tensor:
+            """(B, H, t * p, Dh) patch tokens -> (B, H, G, L, Dh) attention groups."""
+            grid = tokens.reshape(batch, self.num_heads, num_slots, num_patches, self.head_dim)
+            return grid if axis == SPACE else grid.transpose(2, 3)
+
+        patch_query = groups(query[:, :, 1:])
+        num_groups = patch_query.shape[2]
+        # every group also sees the CLS key/value
+        cls_key = key[:, :, None, :1].expand(-1, -1, num_groups, -1, -1)
+        cls_value = value[:, :, None, :1].expand(-1, -1, num_groups, -1, -1)
+        group_key = torch.cat((cls_key, groups(key[:, :, 1:])), dim=3)
+        group_value = torch.cat((cls_value, groups(value[:, :, 1:])), dim=3)
+        patch_out = F.scaled_dot_product_attention(
+            patch_query, group_key, group_value, dropout_p=dropout_p
+        )  # (B, H, G, L, Dh)
+        if axis == TIME:
+            patch_out = patch_out.transpose(2, 3)
+        patch_out = patch_out.reshape(batch, self.num_heads, num_tokens - 1, self.head_dim)
+        out = torch.cat((cls_out, patch_out), dim=2).transpose(1, 2).reshape(batch, num_tokens, dim)
+        return self.proj_dropout(self.proj(out))
+
+
+class DividedSpaceTimeBlock(nn.Module):
+    """``x + time_attn(time_norm(x))`` -> ``x + drop_path(attn(norm1(x)))`` (space) ->
+    ``x + drop_path(mlp(norm2(x)))``.
+
+    Args:
+        dim, num_heads, mlp_ratio, qkv_bias: widths of the attentions and the MLP.
+        dropout: dropout after the attention projections and inside the MLP.
+        attn_dropout: dropout on attention weights.
+        drop_path: stochastic depth of the space-attention and MLP branches (the time branch
+            has none, as in Motionformer).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.time_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.time_attn = DividedSpaceTimeAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = DividedSpaceTimeAttention(dim, num_heads, qkv_bias, attn_dropout, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), "gelu", dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """x: (B, 1 + t * p, D) with t = ``num_slots``; returns the same shape."""
+        x = x + self.time_attn(self.time_norm(x), num_slots, TIME)
+        x = x + self.drop_path(self.attn(self.norm1(x), num_slots, SPACE))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ClsAggregator(nn.Module):
+    """One pre-LN transformer layer over a learned CLS token and a set of tokens; returns the
+    CLS output. Synchformer pools the 14 x 14 patches of each temporal slot (video) and the
+    frequency patches of each time step (audio) with it.
+
+    Args:
+        dim, num_heads, mlp_ratio: layer widths (official: the tower's width, heads and 4x MLP).
+        dropout: dropout on attention weights, after the projections and inside the MLP.
+        norm_eps: LayerNorm epsilon (1e-6 in both towers).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.block = TransformerBlock(
+            dim, num_heads, mlp_ratio, qkv_bias=True, dropout=dropout, attn_dropout=dropout,
+            norm_eps=norm_eps,
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, L, D) -> (N, D), the CLS output."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return self.block(torch.cat((cls, tokens), dim=1))[:, 0]
+
+
+class Motionformer(nn.Module):
+    """Motionformer video tower: segments of frames -> one feature per temporal slot.
+
+    Args:
+        image_size: side of the square input frames (pixels); sets the patch grid and the
+            size of ``pos_embed``.
+        patch_size: spatial patch side (pixels).
+        num_frames: frames per segment T.
+        tubelet_size: frames per tubelet; t = T / tubelet_size temporal slots.
+        in_channels: input channels (3, RGB).
+        dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size (ViT-B by default).
+        dropout: dropout after the position embedding, after attention projections and in the
+            MLPs (official 0).
+        attn_dropout: dropout on attention weights (official 0).
+        drop_path: stochastic depth of the last block, linearly increasing from 0.
+        norm_eps: LayerNorm epsilon of the blocks, the final norm and the aggregation.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_frames: int = 16,
+        tubelet_size: int = 2,
+        in_channels: int = 3,
+        dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.2,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if image_size % patch_size or num_frames % tubelet_size:
+            raise ValueError(
+                f"image_size {image_size} / num_frames {num_frames} must be multiples of "
+                f"patch_size {patch_size} / tubelet_size {tubelet_size}"
+            )
+        self.image_size = image_size
+        self.num_frames = num_frames
+        self.in_channels = in_channels
+        self.dim = dim
+        self.tokens_per_segment = num_frames // tubelet_size
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv3d(
+            in_channels, dim, kernel_size=(tubelet_size, patch_size, patch_size),
+            stride=(tubelet_size, patch_size, patch_size),
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))  # CLS + one frame
+        self.temp_embed = nn.Parameter(torch.zeros(1, self.tokens_per_segment, dim))
+        self.pos_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            DividedSpaceTimeBlock(
+                dim, num_heads, mlp_ratio, qkv_bias, dropout, attn_dropout, rate, norm_eps
+            )
+            for rate in torch.linspace(0, drop_path, depth).tolist()
+        )
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.spatial_agg = ClsAggregator(dim, num_heads, mlp_ratio, dropout, norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        tokens = (self.cls_token, self.pos_embed, self.temp_embed, self.spatial_agg.cls_token)
+        init_transformer_weights(self, tokens)
+
+    def position_embedding(self, num_slots: int, num_patches: int) -> torch.Tensor:
+        """(1, 1 + t * p, D): the spatial embedding tiled over the t slots plus the temporal
+        embedding of each slot; the CLS token gets the spatial one only."""
+        spatial = self.pos_embed[:, 1:].repeat(1, num_slots, 1)
+        temporal = self.temp_embed.repeat_interleave(num_patches, dim=1)
+        return torch.cat((self.pos_embed[:, :1], spatial + temporal), dim=1)
+
+    def forward_tokens(self, clips: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """
+        Args:
+            clips: (N, C, T, H, W) segments.
+        Returns:
+            ``(tokens, t)``: final-normed patch tokens (N, t, h * w, D) without the CLS token,
+            and the number of temporal slots t.
+        """
+        x = self.patch_embed(clips)  # (N, D, t, h, w)
+        num_slots, num_patches = x.shape[2], x.shape[3] * x.shape[4]
+        x = x.flatten(2).transpose(1, 2)  # (N, t * h * w, D), time-major
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_dropout(x + self.position_embedding(num_slots, num_patches))
+        for block in self.blocks:
+            x = block(x, num_slots)
+        x = self.norm(x[:, 1:])
+        return x.reshape(x.shape[0], num_slots, num_patches, self.dim), num_slots
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            video: (B, S, T, C, H, W) normalised frames, S segments of T frames.
+        Returns:
+            (B, S, t, D) features, one per temporal slot (t = T / tubelet_size).
+        """
+        expected = (self.num_frames, self.in_channels, self.image_size, self.image_size)
+        if video.ndim != 6 or tuple(video.shape[2:]) != expected:
+            raise ValueError(
+                f"Motionformer expects video (B, S, T, C, H, W) with (T, C, H, W) = {expected}, "
+                f"got {tuple(video.shape)}"
+            )
+        batch, segments = video.shape[:2]
+        clips = video.flatten(0, 1).transpose(1, 2)  # (B*S, C, T, H, W)
+        tokens, num_slots = self.forward_tokens(clips)
+        pooled = self.spatial_agg(tokens.flatten(0, 1))  # (B*S*t, D)
+        return pooled.reshape(batch, segments, num_slots, self.dim)

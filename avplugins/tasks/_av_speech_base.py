@@ -1,0 +1,55 @@
+"""What the two AV-data2vec tasks share: data location, modalities, crops, skipping."""
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask
+from omegaconf import II, MISSING
+
+from avplugins.data.av_speech_dataset import parse_modalities
+
+
+@dataclass
+class AVSpeechDataConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "folder with {split}.tsv manifests"})
+    modalities: str = field(
+        default="audio,video", metadata={"help": "input streams: 'audio', 'video' or 'audio,video'"}
+    )
+    crop_size: int = field(default=88, metadata={"help": "mouth crop (pixels) taken from the 96x96 ROI"})
+    max_frames: Optional[int] = field(
+        default=None, metadata={"help": "training crops longer clips to this many frames (25 fps)"}
+    )
+    min_frames: int = field(default=1, metadata={"help": "rows shorter than this are left out"})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "skip (and count) utterances that fail to decode instead of stopping"}
+    )
+    seed: int = II("common.seed")
+    train_subset: str = II("dataset.train_subset")
+
+
+class AVSpeechTaskBase(FairseqTask):
+    cfg: AVSpeechDataConfig
+
+    def __init__(self, cfg: AVSpeechDataConfig, **kwargs):
+        super().__init__(cfg)
+        self.modalities = parse_modalities(cfg.modalities)
+
+    @classmethod
+    def check_data_dir(cls, cfg: AVSpeechDataConfig) -> None:
+        if not os.path.isdir(cfg.data):
+            raise FileNotFoundError(
+                f"task.data={cfg.data!r} is not a folder; point it at the folder holding train.tsv/valid.tsv"
+            )
+
+    def manifest_path(self, split: str) -> str:
+        path = os.path.join(self.cfg.data, f"{split}.tsv")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no manifest {path} for split {split!r}")
+        return path
+
+    def is_train_split(self, split: str) -> bool:
+        return split == self.cfg.train_subset
+
+    def max_positions(self):
+        return None

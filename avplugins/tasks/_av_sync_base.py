@@ -1,0 +1,93 @@
+"""What the two Synchformer tasks share: data location, segment layout, video/audio sampling."""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask
+from omegaconf import II, MISSING
+
+from avplugins.data.sync_dataset import ClipSamplingConfig
+from avplugins.data.sync_sampling import SegmentLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AVSyncDataConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "folder with {split}.tsv manifests"})
+    num_segments: int = field(default=14, metadata={"help": "segments per clip (S)"})
+    segment_frames: int = field(default=16, metadata={"help": "video frames per segment (0.64 s at 25 fps)"})
+    segment_stride_frames: int = field(default=8, metadata={"help": "frames between segment starts"})
+    video_fps: int = field(default=25, metadata={"help": "video frame rate the clips are decoded at"})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate the clips are decoded at"})
+    crop_size: int = field(default=224, metadata={"help": "square spatial crop (pixels)"})
+    resize_short_side: Optional[int] = field(
+        default=None, metadata={"help": "resize frames so the short side has this size before cropping"}
+    )
+    audio_jitter_s: float = field(default=0.05, metadata={"help": "max audio jitter (seconds) in training"})
+    sometimes_upscale_p: float = field(
+        default=0.0, metadata={"help": "probability of a smaller random crop upscaled to crop_size"}
+    )
+    color_augment: bool = field(default=False, metadata={"help": "colour jitter and grayscale (p 0.2)"})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "skip (and count) clips that fail to decode instead of stopping"}
+    )
+    seed: int = II("common.seed")
+    train_subset: str = II("dataset.train_subset")
+
+
+class AVSyncTaskBase(FairseqTask):
+    cfg: AVSyncDataConfig
+
+    @classmethod
+    def setup_task(cls, cfg: AVSyncDataConfig, **kwargs):
+        if not os.path.isdir(cfg.data):
+            raise FileNotFoundError(
+                f"task.data={cfg.data!r} is not a folder; point it at the folder holding train.tsv/valid.tsv"
+            )
+        return cls(cfg)
+
+    def segment_layout(self, stride_frames: int) -> SegmentLayout:
+        cfg = self.cfg
+        return SegmentLayout(
+            num_segments=cfg.num_segments,
+            segment_frames=cfg.segment_frames,
+            stride_frames=stride_frames,
+            video_fps=cfg.video_fps,
+            sample_rate=cfg.sample_rate,
+        )
+
+    def sampling_config(self, stride_frames: int) -> ClipSamplingConfig:
+        cfg = self.cfg
+        return ClipSamplingConfig(
+            layout=self.segment_layout(stride_frames),
+            crop_size=cfg.crop_size,
+            resize_short_side=cfg.resize_short_side,
+            audio_jitter_s=cfg.audio_jitter_s,
+            sometimes_upscale_p=cfg.sometimes_upscale_p,
+            color_augment=cfg.color_augment,
+            skip_invalid=cfg.skip_invalid,
+            seed=cfg.seed,
+        )
+
+    def manifest_path(self, split: str) -> str:
+        path = os.path.join(self.cfg.data, f"{split}.tsv")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no manifest {path} for split {split!r}")
+        return path
+
+    def is_train_split(self, split: str) -> bool:
+        return split == self.cfg.train_subset
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
