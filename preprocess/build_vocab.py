@@ -50,7 +50,8 @@ def _piece_counts(processor: spm.SentencePieceProcessor, transcripts: List[str])
 
 
 def _is_special(processor: spm.SentencePieceProcessor, piece_id: int) -> bool:
-    return processor.is_control(piece_id) or processor.is_unknown(piece_id) or processor.id_to_piece(piece_id) == "<pad>"
+    return (processor.is_control(piece_id) or processor.is_unknown(piece_id)
+            or processor.id_to_piece(piece_id) == "<pad>")
 
 
 def dictionary_lines(processor: spm.SentencePieceProcessor, transcripts: List[str]) -> List[str]:

@@ -1,6 +1,5 @@
 """AV-HuBERT manifests: round trips through real files, every error message, validation."""
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -82,7 +81,8 @@ def test_labels_round_trip_and_alignment_with_rows(tmp_path):
      r"train\.tsv:3: duplicate id 'clip' \(first on line 2\)\. Give every clip a unique id"),
     ("/root\nclip\t../secret.mp4\tclip.wav\t10\t6400\n",
      r"train\.tsv:2: path '\.\./secret\.mp4' is outside the manifest root /root\. Use paths inside the root"),
-    ("/root\nclip\ta/../../b.wav\tNone\t10\t0\n", r"train\.tsv:2: path 'a/\.\./\.\./b\.wav' is outside the manifest root"),
+    ("/root\nclip\ta/../../b.wav\tNone\t10\t0\n",
+     r"train\.tsv:2: path 'a/\.\./\.\./b\.wav' is outside the manifest root"),
     ("/root\nclip\tNone\t\t10\t0\n", r"train\.tsv:2: both media paths are empty\. Give a video path"),
     ("/root\n" + HEADER_ROW + "\n" + HEADER_ROW.replace("clip", "d"), r"train\.tsv:3: blank line\. Remove"),
 ])

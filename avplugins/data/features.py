@@ -180,8 +180,9 @@ class LogMelSpectrogram(nn.Module):
     STFT with a periodic Hann window of ``win_length`` (centred in ``n_fft``), ``center=True``
     with reflect padding, one-sided, no normalisation; power 2 (``|X|^2``); HTK Mel filters
     without normalisation over 0 .. sr / 2. The defaults are Synchformer's settings. Batched over
-    any leading axes, differentiable, and on the device and in the dtype of the module's input
-    (the buffers are computed in float64 and cast to it).
+    any leading axes, differentiable, and computed in the dtype of its input on the module's
+    device: the window and filterbank buffers are kept in float64 and cast at use, so float32
+    input gets torchaudio's float32 numbers and float64 input float64 accuracy.
 
     Input ``(..., N)`` samples; output ``(..., n_mels, N // hop_length + 1)`` (a 10240-sample
     segment gives 128 x 65).
@@ -201,9 +202,9 @@ class LogMelSpectrogram(nn.Module):
         self.hop_length = hop_length
         self.log_offset = log_offset
         # Not persistent: derived from the constructor arguments, so kept out of checkpoints.
-        self.register_buffer("window", centered_hann_window(win_length, n_fft).float(), persistent=False)
+        self.register_buffer("window", centered_hann_window(win_length, n_fft), persistent=False)
         filterbank = htk_mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate)
-        self.register_buffer("mel_filterbank", torch.from_numpy(filterbank).float(), persistent=False)
+        self.register_buffer("mel_filterbank", torch.from_numpy(filterbank), persistent=False)
 
     def mel_power(self, samples: torch.Tensor) -> torch.Tensor:
         """(..., N) samples -> (..., n_mels, N // hop_length + 1) Mel power (before the log)."""

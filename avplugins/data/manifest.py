@@ -230,7 +230,8 @@ def _format_path(path: Optional[str], root: str) -> str:
 
 
 def _format_row(entry: ManifestEntry, root: str) -> str:
-    for text, column in ((entry.id, "id"), (entry.video_path or "", "video_path"), (entry.audio_path or "", "audio_path")):
+    text_fields = ((entry.id, "id"), (entry.video_path or "", "video_path"), (entry.audio_path or "", "audio_path"))
+    for text, column in text_fields:
         if any(c in text for c in "\t\n\r"):
             raise ValueError(f"{column} {text!r} of clip {entry.id!r} contains a tab or line break; rename it")
     for count, column in ((entry.num_video_frames, COLUMNS[3]), (entry.num_audio_samples, COLUMNS[4])):
@@ -311,8 +312,8 @@ def count_media(video_path: Optional[str], audio_path: Optional[str]) -> Tuple[i
 
 def _entry_problem(entry: ManifestEntry, check_files: bool, check_counts: bool) -> Optional[Tuple[str, str]]:
     """(problem, fix) for one parsed entry's media files, or None when they pass."""
-    media = [(entry.video_path, "video"), (entry.audio_path, "audio")]
-    missing = [f"{kind} file {path} does not exist" for path, kind in media if path and not os.path.isfile(path)]
+    paths = [(entry.video_path, "video"), (entry.audio_path, "audio")]
+    missing = [f"{kind} file {path} does not exist" for path, kind in paths if path and not os.path.isfile(path)]
     if missing and (check_files or check_counts):
         return "; ".join(missing), _ROW_FIX["missing"]
     if not check_counts:

@@ -216,8 +216,8 @@ class _StreamReader:
         """At the end of the file: MediaError when packets stop well before the stream's indexed
         duration (a truncated download whose index survived, e.g. an mp4 with faststart)."""
         formats = set(self.container.format.name.split(","))
-        if not formats & _INDEXED_FORMATS or self.stream.duration is None:
-            return
+        if not formats & _INDEXED_FORMATS or self.stream.duration is None or (self.end_s is None and self._seeked):
+            return  # no index to compare with, or a seek went past the last packet
         indexed_end_s = self.seconds((self.stream.start_time or 0) + self.stream.duration)
         tolerance_s = max(_TRUNCATION_TOLERANCE_S, 2 * self.fallback_duration_s)
         if (self.end_s or 0) < indexed_end_s - tolerance_s:
@@ -236,7 +236,8 @@ class _StreamReader:
         """Decoded frames, the first at or before ``need_s`` (or the stream's first frame).
 
         Seeks backward to a keyframe before ``need_s`` instead of decoding from the start;
-        a seek that lands too late (keyframe indexes by decode time) is retried further back.
+        a seek that lands too late (keyframe indexes by decode time) or past the last frame is
+        retried further back.
         """
         lead_s = _SEEK_LEAD_S
         while True:
@@ -247,9 +248,9 @@ class _StreamReader:
                 self._seek(Fraction(0))
             decoded = self.frames()
             first = next(decoded, None)
-            if first is None:
-                return
-            if target_s <= 0 or first[1] is None or first[1] <= need_s:
+            if target_s <= 0 or (first is not None and (first[1] is None or first[1] <= need_s)):
+                if first is None:
+                    return
                 yield first
                 yield from decoded
                 return
@@ -428,7 +429,7 @@ def _decode_native_audio(reader: _StreamReader, sample_rate: int, first: int, st
             return np.concatenate(chunks), False
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if reader.durations_known and reader.end_s is not None:
-        samples = samples[:max(0, round(reader.end_s * sample_rate) - first)]
+        pass
     return samples, True
 
 
@@ -594,7 +595,8 @@ def _audio_frame(samples: np.ndarray, sample_rate: int, first_sample: int) -> av
     return frame
 
 
-def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=None, crf=18) -> None:
+def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=None, crf=18,
+                keyframe_interval_s=1.0) -> None:
     """Write an mp4: frames at ``fps`` (yuv420p) and, when given, AAC audio.
 
     Args:
@@ -603,6 +605,8 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=No
         audio: float32 (N,) mono in [-1, 1] at ``sample_rate`` Hz, starting with frame 0.
         video_codec: FFmpeg encoder name; default libx264 when the wheel has it, else mpeg4.
         crf: libx264 constant rate factor (lower is better quality).
+        keyframe_interval_s: seconds between keyframes at most, so that windowed reads
+            seek close to their start instead of decoding from the beginning.
     """
     frames = _check_frames(frames)
     rate = _positive_rate(fps, "fps")
@@ -612,6 +616,7 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=No
         video_stream = container.add_stream(codec, rate=rate)
         video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
         video_stream.pix_fmt = "yuv420p"
+        video_stream.codec_context.gop_size = max(1, round(keyframe_interval_s * rate))
         if codec == "libx264":
             video_stream.options = {"crf": str(crf)}
         else:

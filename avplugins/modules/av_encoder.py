@@ -20,20 +20,10 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from avplugins.modules.attention import TransformerBlock
 from avplugins.modules.resnet_frontend import ResNetVideoFrontend
-from avplugins.modules.span_mask import MaskEmbedding
+from avplugins.modules.span_mask import MaskEmbedding, check_padding_mask
 
 AUDIO_FEATURE_DIM = 104  # 26 log filterbanks x 4 stacked 10 ms frames
 FUSION_MODES = ("add", "concat")
-
-
-def _check_padding_mask(padding_mask: Optional[torch.Tensor], batch: int, steps: int) -> None:
-    if padding_mask is not None and (
-        padding_mask.dtype != torch.bool or padding_mask.shape != (batch, steps)
-    ):
-        raise ValueError(
-            f"padding_mask must be a ({batch}, {steps}) bool tensor (True at padding), "
-            f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
-        )
 
 
 class AudioFrontend(nn.Module):
@@ -206,7 +196,7 @@ class AVTransformerEncoder(nn.Module):
             dict with ``x`` (B, T, D) after the final LayerNorm and ``layer_results``: a list
             of (B, T, D), one per block, empty unless requested.
         """
-        _check_padding_mask(padding_mask, x.shape[0], x.shape[1])
+        check_padding_mask(padding_mask, x.shape[0], x.shape[1])
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = self.dropout(x + self.pos_conv(x))
@@ -312,7 +302,9 @@ class AVData2VecBackbone(nn.Module):
         """
         Args:
             audio, video, use_audio, use_video: see :meth:`embed`.
-            padding_mask: optional (B, T) bool, True at padding.
+            padding_mask: optional (B, T) bool, True at padding. Padding video frames must be
+                zeros (the stem's 5-frame temporal kernel sees them before any mask applies);
+                padding audio may hold anything.
             mask: optional (B, T) bool, True where the fused features are replaced by the
                 learned mask embedding (the same steps for both streams).
             return_layer_ffn_outputs: also return every block's FFN output.
@@ -392,7 +384,7 @@ def instance_norm_over_time(
         (B, T, D) in float32 (or float64 for float64 input).
     """
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    _check_padding_mask(padding_mask, x.shape[0], x.shape[1])
+    check_padding_mask(padding_mask, x.shape[0], x.shape[1])
     if padding_mask is None:
         valid = torch.ones_like(x[..., :1])
     else:

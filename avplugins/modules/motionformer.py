@@ -208,7 +208,7 @@ class Motionformer(nn.Module):
             DividedSpaceTimeBlock(
                 dim, num_heads, mlp_ratio, qkv_bias, dropout, attn_dropout, rate, norm_eps
             )
-            for rate in torch.linspace(0, drop_path, depth).tolist()
+            for rate in (drop_path * i / max(depth - 1, 1) for i in range(depth))
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.spatial_agg = ClsAggregator(dim, num_heads, mlp_ratio, dropout, norm_eps)

@@ -25,17 +25,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_padding_mask(padding_mask: Optional[torch.Tensor], batch: int, steps: int) -> None:
+    """Raise unless ``padding_mask`` is None or a (batch, steps) bool tensor."""
+    if padding_mask is not None and (
+        padding_mask.dtype != torch.bool or padding_mask.shape != (batch, steps)
+    ):
+        raise ValueError(
+            f"padding_mask must be a ({batch}, {steps}) bool tensor (True at padding), "
+            f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+        )
+
+
 def _valid_lengths(
     batch_size: int, num_steps: int, padding_mask: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """(B,) number of non-padding steps; padding_mask is (B, T) bool, True at padding."""
+    check_padding_mask(padding_mask, batch_size, num_steps)
     if padding_mask is None:
         return torch.full((batch_size,), num_steps, dtype=torch.long)
-    if padding_mask.shape != (batch_size, num_steps) or padding_mask.dtype != torch.bool:
-        raise ValueError(
-            f"padding_mask must be a ({batch_size}, {num_steps}) bool tensor, "
-            f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
-        )
     return (~padding_mask).sum(dim=1)
 
 

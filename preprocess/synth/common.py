@@ -1,4 +1,5 @@
-"""Pieces both synthetic corpora share: per-clip random streams, clip timing, noise."""
+"""Pieces both synthetic corpora share: per-clip random streams, clip timing, noise, writing."""
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,3 +73,16 @@ class ClipResult:
     def manifest_row(self):
         """(id, video_path, audio_path, num_video_frames, num_audio_samples) for `write_manifest`."""
         return (self.clip_id, self.video_path, self.audio_path, self.num_video_frames, self.num_audio_samples)
+
+
+def write_clip_media(out_dir, split, clip_id, video, audio):
+    """Write `<split>/<clip_id>.mp4` (`video` uint8 (T, H, W[, 3]) at 25 fps with `audio` float32
+    (N,) at 16 kHz muxed in) and the same audio as `<split>/<clip_id>.wav` under `out_dir`;
+    return both paths relative to `out_dir`."""
+    from avplugins.data.media import write_audio, write_video
+
+    video_path, audio_path = f"{split}/{clip_id}.mp4", f"{split}/{clip_id}.wav"
+    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    write_video(os.path.join(out_dir, video_path), video, VIDEO_FPS, audio=audio, sample_rate=AUDIO_SAMPLE_RATE)
+    write_audio(os.path.join(out_dir, audio_path), audio, sample_rate=AUDIO_SAMPLE_RATE)
+    return video_path, audio_path

@@ -3,7 +3,8 @@
 The face is drawn in mouth coordinates (u to the speaker's left, v downwards, in pixels, origin
 at the mouth centre); each frame's head pose (translation, rotation, scale) maps image pixels
 into those coordinates, so skin texture, nostrils and lips move together. Shapes are lens-like
-regions between an upper and a lower curve, anti-aliased by a one-pixel soft edge.
+regions between an upper and a lower curve, v(u) = height * (1 - (u / half_width)^2) ** exponent
+(exponent 0.5: an ellipse, 1: pointed corners), anti-aliased by a one-pixel soft edge.
 """
 from dataclasses import dataclass
 
@@ -11,8 +12,6 @@ import numpy as np
 
 from preprocess.synth.common import smooth_noise
 
-# Shape of the lip curves: v(u) = height * (1 - (u / half_width)^2) ** exponent
-_OUTER_EXPONENT = 0.75
 _EDGE_PX = 0.7
 
 
@@ -133,7 +132,8 @@ def render_mouth(shape, appearance, motion, image_size, rng):
     # the lower lip tucks under the upper teeth for f/v: thinner when teeth show with little opening
     lower_thickness = 1.2 * thickness * (1.0 - 0.35 * teeth * (1.0 - opening))
     bow = 0.25 * thickness * np.exp(-((u / (0.15 * half_width)) ** 2))  # cupid's bow dip
-    lips = _lens(u, v + bow, half_width, inner_upper + thickness, inner_lower + lower_thickness, _OUTER_EXPONENT)
+    outer_exponent = 0.75 - 0.2 * rounding  # pursed lips have rounder corners
+    lips = _lens(u, v + bow, half_width, inner_upper + thickness, inner_lower + lower_thickness, outer_exponent)
     lip_level = (appearance.skin - appearance.lip_contrast) * brightness[:, None, None]
     lip_shading = 1.0 - 0.12 * (v < 0)  # the upper lip faces down, away from the light
     image += lips * (lip_level * lip_shading - image)

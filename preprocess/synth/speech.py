@@ -5,7 +5,6 @@ Each clip: silence, a random word sequence from `VOCABULARY` spoken by a random 
 at a random rate and pitch, silence; pink background noise at 20-40 dB SNR; a 25 fps gray
 mouth crop whose lips follow the phonemes (see `visemes`, `mouth`).
 """
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from preprocess.synth.common import (
     noise_for_snr,
     pink_noise,
     rms,
+    write_clip_media,
 )
 from preprocess.synth.tts import get_espeak
 
@@ -156,15 +156,9 @@ def make_speech_clip(rng, options, words=None):
 
 
 def write_speech_clip(out_dir, split, clip_id, clip_index, seed, options):
-    """Make clip `clip_index` of the corpus with `seed`; write `<split>/<clip_id>.mp4` (video with
-    the audio muxed in) and `<split>/<clip_id>.wav`; return its `ClipResult`."""
-    from avplugins.data.media import write_audio, write_video
-
+    """Make clip `clip_index` of the corpus with `seed`, write its media (`write_clip_media`) and
+    return its `ClipResult` with the transcript."""
     clip = make_speech_clip(clip_rng(seed, clip_index), options)
-    video_path, audio_path = f"{split}/{clip_id}.mp4", f"{split}/{clip_id}.wav"
-    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    write_video(os.path.join(out_dir, video_path), clip.video, VIDEO_FPS, audio=clip.audio,
-                sample_rate=AUDIO_SAMPLE_RATE)
-    write_audio(os.path.join(out_dir, audio_path), clip.audio, sample_rate=AUDIO_SAMPLE_RATE)
+    video_path, audio_path = write_clip_media(out_dir, split, clip_id, clip.video, clip.audio)
     return ClipResult(clip_index, clip_id, split, video_path, audio_path, len(clip.video), len(clip.audio),
                       label=" ".join(clip.words))

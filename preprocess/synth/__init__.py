@@ -1,0 +1,1 @@
+"""Deterministic synthetic audio-visual corpora (see `preprocess.synthetic` for the CLI)."""
