@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import Counter
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 from preprocess.synth import sparse, speech
 from preprocess.synth.common import VIDEO_FPS
@@ -67,12 +67,16 @@ def generate_clips(kind, out_dir, seed, options, plan, workers):
     """Write every clip of `plan` with `workers` processes; `ClipResult`s in plan order."""
     from tqdm import tqdm
 
+    # importing avplugins imports fairseq (seconds): forked workers inherit it instead of
+    # each importing it again
+    import avplugins.data.media  # noqa: F401
+
     jobs = [(kind, out_dir, index, split, clip_id, seed, options) for index, split, clip_id in plan]
     progress = dict(total=len(jobs), desc=f"{kind} clips", unit="clip", file=sys.stderr)
     if workers <= 1:
         return [_make_clip(job) for job in tqdm(jobs, **progress)]
-    # spawn: workers start clean, whatever the parent has imported (torch, fairseq) or started
-    with get_context("spawn").Pool(workers) as pool:
+    start_method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    with get_context(start_method).Pool(workers) as pool:
         return list(tqdm(pool.imap(_make_clip, jobs), **progress))
 
 

@@ -250,8 +250,8 @@ def test_backbone_shapes_base_and_tiny():
     tiny = tiny_backbone(fusion="concat").eval()
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[:, 1:3] = True
+    single_streams = (dict(audio=torch.randn(2, 6, 104)), dict(video=torch.randn(2, 1, 6, 88, 88)))
     with torch.no_grad():
-        single_streams = (dict(audio=torch.randn(2, 6, 104)), dict(video=torch.randn(2, 1, 6, 88, 88)))
         for kwargs in single_streams:
             out = tiny(**kwargs, mask=mask)
             assert out["x"].shape == out["features"].shape == (2, 6, 64)

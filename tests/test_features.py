@@ -33,7 +33,8 @@ def _signals():
     return {
         "noise": 0.1 * rng.standard_normal(feat.SEGMENT_SAMPLES),
         "chirp": _chirp(feat.SEGMENT_SAMPLES),
-        "chirp_plus_noise": _chirp(feat.SEGMENT_SAMPLES, 300, 5000) + 0.01 * rng.standard_normal(feat.SEGMENT_SAMPLES),
+        "chirp_plus_noise": _chirp(feat.SEGMENT_SAMPLES, 300, 5000)
+        + 0.01 * rng.standard_normal(feat.SEGMENT_SAMPLES),
     }
 
 
@@ -116,7 +117,8 @@ def test_pad_or_trim_time():
 
 def test_synchformer_normalize_known_answer():
     x = torch.tensor([-4.2677393, -4.2677393 + 2 * 4.5689974], dtype=torch.float64)
-    torch.testing.assert_close(feat.synchformer_normalize(x), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    expected = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(feat.synchformer_normalize(x), expected)
 
 
 def test_synchformer_audio_features_shape_and_padding_column():

@@ -27,7 +27,8 @@ def test_center_crop_known_answer_numpy_and_torch():
     expected = frames[:, 1:5, 1:5]  # offsets (6 - 4) // 2 = 1 and (7 - 4) // 2 = 1
     np.testing.assert_array_equal(tr.center_crop(frames, 4), expected)
     np.testing.assert_array_equal(tr.center_crop(torch.from_numpy(frames), 4).numpy(), expected)
-    np.testing.assert_array_equal(tr.center_crop(_index_frames(1, 96, 96), 88), _index_frames(1, 96, 96)[:, 4:92, 4:92])
+    mouth = _index_frames(1, 96, 96)
+    np.testing.assert_array_equal(tr.center_crop(mouth, 88), mouth[:, 4:92, 4:92])
 
 
 def test_random_crop_is_the_same_window_for_all_frames_and_covers_all_positions():
@@ -51,7 +52,9 @@ def test_horizontal_flip_known_answer_and_twice_is_identity():
     np.testing.assert_array_equal(tr.horizontal_flip(video).numpy(), flipped)
 
 
-@pytest.mark.parametrize("crop", [tr.center_crop, lambda f, s: tr.random_crop(f, s, np.random.default_rng(0))])
+@pytest.mark.parametrize(
+    "crop", [tr.center_crop, lambda frames, size: tr.random_crop(frames, size, np.random.default_rng(0))]
+)
 def test_crop_larger_than_frames_names_the_sizes(crop):
     with pytest.raises(ValueError, match=r"frames of 80x90 \(HxW\) are smaller than the 88x88 crop"):
         crop(np.zeros((2, 80, 90), np.uint8), 88)
@@ -81,7 +84,8 @@ def test_av_data2vec_train_crop_and_flip_statistics():
         assert out.shape == (4, 88, 88) and out.dtype == np.float32
         columns = np.rint((out[0, 0] * 0.165 + 0.421) * 255).astype(int)
         flipped = columns[0] > columns[-1]
-        np.testing.assert_array_equal(out, out[:1].repeat(4, axis=0))  # same crop and flip for all frames
+        # The same crop and flip for all frames.
+        np.testing.assert_array_equal(out, out[:1].repeat(4, axis=0))
         lefts.add(int(columns.min()))
         assert list(columns) == list(range(columns.min(), columns.min() + 88))[:: -1 if flipped else 1]
         num_flipped += flipped
@@ -115,7 +119,9 @@ def test_resize_downscale_is_antialiased():
     out = tr.resize(checker, 10, 10, mode="bilinear")
     interior = out[..., 1:-1, 1:-1]
     assert torch.all((interior - 0.5).abs() < 0.06)
-    aliased = torch.nn.functional.interpolate(checker[None], size=(10, 10), mode="bilinear", antialias=False)
+    aliased = torch.nn.functional.interpolate(
+        checker[None], size=(10, 10), mode="bilinear", antialias=False
+    )
     assert torch.all((aliased[..., 1:-1, 1:-1] - 0.5).abs() > 0.49)
 
 
@@ -132,7 +138,8 @@ def test_rgb_hsv_round_trip_matches_colorsys():
     torch.testing.assert_close(hsv.movedim(-3, -1).reshape(-1, 3), expected)
     torch.testing.assert_close(tr.hsv_to_rgb(hsv), video)
     gray_and_black = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64).view(2, 3, 1, 1)
-    torch.testing.assert_close(tr.rgb_to_hsv(gray_and_black)[:, :2], torch.zeros(2, 2, 1, 1, dtype=torch.float64))
+    hue_and_saturation = tr.rgb_to_hsv(gray_and_black)[:, :2]
+    torch.testing.assert_close(hue_and_saturation, torch.zeros_like(hue_and_saturation))
 
 
 def test_adjust_hue_matches_colorsys_rotation():
@@ -143,13 +150,15 @@ def test_adjust_hue_matches_colorsys_rotation():
     for pixel in pixels:
         hue, saturation, value = colorsys.rgb_to_hsv(*pixel)
         expected.append(colorsys.hsv_to_rgb((hue + 0.3) % 1.0, saturation, value))
-    torch.testing.assert_close(shifted.movedim(-3, -1).reshape(-1, 3), torch.tensor(expected, dtype=torch.float64))
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(shifted.movedim(-3, -1).reshape(-1, 3), expected)
     torch.testing.assert_close(tr.adjust_hue(video, 0.0), video)
 
 
 def test_brightness_contrast_saturation_known_answers():
     video = torch.tensor([0.3, 0.7, 0.2], dtype=torch.float64).view(3, 1, 1).expand(3, 2, 2)
-    torch.testing.assert_close(tr.adjust_brightness(video, 2.0)[:, 0, 0], torch.tensor([0.6, 1.0, 0.4], dtype=torch.float64))
+    brighter = tr.adjust_brightness(video, 2.0)[:, 0, 0]
+    torch.testing.assert_close(brighter, torch.tensor([0.6, 1.0, 0.4], dtype=torch.float64))
     luma = 0.2989 * 0.3 + 0.587 * 0.7 + 0.114 * 0.2
     torch.testing.assert_close(tr.adjust_saturation(video, 0.0), torch.full_like(video, luma))
     torch.testing.assert_close(tr.adjust_saturation(video, 1.0), video)
@@ -179,14 +188,16 @@ def test_synchformer_eval_is_a_deterministic_normalised_centre_crop():
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     crop = torch.from_numpy(frames[:, 4:36, 8:40]).permute(0, 3, 1, 2).float()
     torch.testing.assert_close(out, (crop / 255 - 0.5) / 0.5, rtol=0, atol=1e-7)
-    torch.testing.assert_close(out, tr.synchformer_video_transform(torch.from_numpy(frames), crop_size=32), rtol=0, atol=0)
+    from_tensor = tr.synchformer_video_transform(torch.from_numpy(frames), crop_size=32)
+    torch.testing.assert_close(out, from_tensor, rtol=0, atol=0)
     assert out.min() >= -1 and out.max() <= 1
 
 
 def test_synchformer_default_crop_and_short_side_resize():
     frames = np.zeros((2, 256, 340, 3), dtype=np.uint8)
     assert tr.synchformer_video_transform(frames).shape == (2, 3, 224, 224)
-    assert tr.synchformer_video_transform(frames[:, :200, :300], short_side=256).shape == (2, 3, 224, 224)
+    small = frames[:, :200, :300]
+    assert tr.synchformer_video_transform(small, short_side=256).shape == (2, 3, 224, 224)
 
 
 def _column_of(out: torch.Tensor) -> torch.Tensor:
@@ -198,7 +209,8 @@ def test_synchformer_train_shared_crop_and_per_segment_flips():
     frames = _column_ramp_rgb(4, 40, 48).reshape(2, 2, 40, 48, 3)  # (S=2, T=2, H, W, 3)
     flip_counts, differing = [], 0
     for seed in range(300):
-        out = tr.synchformer_video_transform(frames, crop_size=32, train=True, rng=np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        out = tr.synchformer_video_transform(frames, crop_size=32, train=True, rng=rng)
         assert out.shape == (2, 2, 3, 32, 32) and out.dtype == torch.float32
         columns = _column_of(out)  # (S, T, 32)
         flipped = columns[..., 0] > columns[..., -1]  # (S, T)
@@ -214,7 +226,8 @@ def test_synchformer_small_crop_upscale_probability_and_span():
     """On a ramp image (value 2 * column) a 32 crop spans 31 columns; the smaller crop of
     round(32 * 192 / 224) = 27 columns upscaled to 32 spans 26 (bilinear, edges clamped)."""
     frames = _column_ramp_rgb(2, 40, 48)
-    always_small = _column_of(tr.synchformer_video_transform(frames, 32, True, np.random.default_rng(0), small_crop_p=1.0))
+    rng = np.random.default_rng(0)
+    always_small = _column_of(tr.synchformer_video_transform(frames, 32, True, rng, small_crop_p=1.0))
     assert always_small.max() - always_small.min() == 26
     spans = []
     for seed in range(300):
@@ -234,7 +247,8 @@ def test_synchformer_color_augment_grayscale_probability():
     assert not torch.all(plain[:, 0] == plain[:, 1])
     num_gray = 0
     for seed in range(300):
-        out = tr.synchformer_video_transform(frames, 32, train=True, rng=np.random.default_rng(seed), color_augment=True)
+        rng = np.random.default_rng(seed)
+        out = tr.synchformer_video_transform(frames, 32, train=True, rng=rng, color_augment=True)
         assert out.shape == (2, 3, 32, 32) and -1 <= out.min() and out.max() <= 1
         num_gray += bool(torch.all(out[:, 0] == out[:, 1]) and torch.all(out[:, 1] == out[:, 2]))
     assert 0.13 < num_gray / 300 < 0.27  # grayscale p 0.2

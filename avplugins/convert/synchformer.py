@@ -218,22 +218,24 @@ def _allowed_globals() -> List[Tuple[Any, str]]:
         (collections.defaultdict, "collections.defaultdict"),
         (typing.Any, "typing.Any"),
         (np.dtype, "numpy.dtype"),
+        *((type(np.dtype(code)), f"numpy.dtypes.{type(np.dtype(code)).__name__}") for code in "?bhilqBHILQefd"),
         (scalar, "numpy.core.multiarray.scalar"),
         (scalar, "numpy._core.multiarray.scalar"),
     ]
 
 
 def _refuse(path: Path, allowed: Sequence[Tuple[Any, str]], error: Exception) -> ValueError:
-    """A clear error for a file whose pickle needs globals outside ``allowed``."""
+    """A clear error for a file whose pickle the restricted unpickler refused."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        unknown = sorted(set(found) - {name for _, name in allowed}) or found
-    except Exception:  # not a torch zip file: the unpickler's own message says why
-        unknown = [str(error)]
+        unknown = sorted(set(found) - {name for _, name in allowed})
+    except Exception:  # not a torch zip file
+        unknown = []
+    what = f"pickles {unknown}" if unknown else f"cannot be read safely ({str(error).strip()})"
     return ValueError(
-        f"{path}: refused to load: the file pickles {unknown}, which an official Synchformer "
-        "checkpoint does not contain (it holds tensors, plain containers, numbers, strings, "
-        "numpy scalars and an OmegaConf config). Nothing in the file was executed."
+        f"{path}: refused to load: the file {what}, which an official Synchformer checkpoint "
+        "does not contain (it holds tensors, plain containers, numbers, strings, numpy scalars "
+        "and an OmegaConf config). Nothing in the file was executed."
     )
 
 

@@ -429,7 +429,7 @@ def _decode_native_audio(reader: _StreamReader, sample_rate: int, first: int, st
             return np.concatenate(chunks), False
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if reader.durations_known and reader.end_s is not None:
-        pass
+        samples = samples[:max(0, round(reader.end_s * sample_rate) - first)]
     return samples, True
 
 

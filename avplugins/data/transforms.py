@@ -274,9 +274,10 @@ def random_color_distortion(video: torch.Tensor, rng: np.random.Generator) -> to
 
 # --- Synchformer ---------------------------------------------------------------------------
 def rgb_frames_to_tensor(frames: Frames) -> torch.Tensor:
-    """(..., H, W, 3) uint8 numpy or torch frames -> (..., 3, H, W) uint8 torch (a view)."""
+    """(T, H, W, 3) or (S, T, H, W, 3) uint8 numpy or torch frames -> (..., 3, H, W) uint8 torch
+    (a view of contiguous input)."""
     video = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    if video.dtype != torch.uint8 or video.ndim < 4 or video.shape[-1] != 3:
+    if video.dtype != torch.uint8 or video.ndim not in (4, 5) or video.shape[-1] != 3:
         raise ValueError(
             f"expected RGB uint8 frames of shape (T, H, W, 3) or (S, T, H, W, 3), "
             f"got {video.dtype} {tuple(video.shape)}"
