@@ -64,7 +64,9 @@ def _write_timed_video(path, times_ms, end_ms, audio_rate=None) -> None:
         stream = container.add_stream("libx264", options={"bf": "0"})
         stream.codec_context.time_base = Fraction(1, 1000)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        audio_stream = None if audio_rate is None else container.add_stream("aac", rate=audio_rate, layout="mono")
+        audio_stream = None
+        if audio_rate is not None:
+            audio_stream = container.add_stream("aac", rate=audio_rate, layout="mono")
 
         def mux(packets):
             for packet in packets:
@@ -90,7 +92,8 @@ def clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("media") / "clip.mp4"
     rng = np.random.default_rng(0)
     num_samples = 3 * SAMPLE_RATE
-    audio = _sine(440, num_samples, SAMPLE_RATE, 0.2) + rng.uniform(-0.02, 0.02, num_samples).astype(np.float32)
+    noise = rng.uniform(-0.02, 0.02, num_samples).astype(np.float32)
+    audio = _sine(440, num_samples, SAMPLE_RATE, 0.2) + noise
     audio[CLICK_FRAME * SAMPLE_RATE // FPS] = 0.95
     frames = _indexed_frames(3 * FPS, white=[CLICK_FRAME])
     write_video(path, frames, FPS, audio=audio, sample_rate=SAMPLE_RATE)
@@ -186,7 +189,8 @@ def test_video_starting_after_the_audio_repeats_its_first_frame(tmp_path):
     """Time 0 is where the audio starts; output frames before the first video frame show it."""
     path = tmp_path / "late.mp4"
     _write_timed_video(path, [100, 140, 180], end_ms=220, audio_rate=SAMPLE_RATE)
-    assert np.array_equal(_frame_indices(read_video(path, fps=25)), [0, 0, 0, 0, 1, 2])  # frames at 0.1, 0.14, 0.18 s
+    # video frames at 0.1, 0.14 and 0.18 s; output times 0, 0.04, ..., 0.2 s
+    assert np.array_equal(_frame_indices(read_video(path, fps=25)), [0, 0, 0, 0, 1, 2])
     assert np.array_equal(_frame_indices(read_video(path)), [0, 1, 2])
     assert len(read_audio(path)) == round(0.22 * SAMPLE_RATE)
 

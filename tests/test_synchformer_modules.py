@@ -185,14 +185,12 @@ def test_sync_module_rejects_wrong_number_of_tokens():
 
 def test_init_like_timm_and_official_sync_tokens():
     torch.manual_seed(0)
-    net = SynchformerNet.build(
-        visual_args=dict(depth=1), audio_args=dict(depth=1), sync_args=dict(depth=1)
-    )
-    assert torch.equal(net.audio.norm.weight, torch.ones(768))
-    assert torch.equal(net.audio.blocks[0].attn.qkv.bias, torch.zeros(3 * 768))
+    net = tiny_net()
+    assert torch.equal(net.audio.norm.weight, torch.ones(48))
+    assert torch.equal(net.audio.blocks[0].attn.qkv.bias, torch.zeros(3 * 48))
     assert net.visual.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02 * 0.88, rel=0.05)
     assert net.visual.pos_embed.abs().max() <= 0.04
-    assert net.sync.pos_embed.std().item() == pytest.approx(1.0, rel=0.05)
+    assert net.sync.pos_embed.std().item() == pytest.approx(1.0, rel=0.1)
 
 
 def test_pooled_segment_embeddings_are_unit_mean_directions():
@@ -316,7 +314,7 @@ def test_loader_refuses_malicious_pickle_without_running_it(tmp_path):
         tmp_path / "evil.pt", model={"vfeat_extractor.cls_token": torch.zeros(1)},
         args=CreatesAFileWhenUnpickled(target),
     )
-    with pytest.raises(ValueError, match=r"evil.pt: refused to load: the file pickles \['builtins.open'\]"):
+    with pytest.raises(ValueError, match=r"evil.pt: refused to load: the file pickles \['io.open'\]"):
         load_official_checkpoint(path)
     assert not target.exists()
     # the payload is real: an unrestricted unpickler would have created the file

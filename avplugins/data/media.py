@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import av
 import numpy as np
@@ -119,7 +119,8 @@ def _video_stream(container, path=None):
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
     if path is not None:
-        raise MediaError(path, "has no video stream (audio only?); use read_audio for it, or pass a video file")
+        raise MediaError(path, "has no video stream (audio only?); use read_audio for it, "
+                               "or pass a video file")
     return None
 
 
@@ -128,7 +129,8 @@ def _audio_stream(container, path=None):
     if container.streams.audio:
         return container.streams.audio[0]
     if path is not None:
-        raise MediaError(path, "has no audio stream; read its frames with read_video, or pass a file with sound")
+        raise MediaError(path, "has no audio stream; read its frames with read_video, "
+                               "or pass a file with sound")
     return None
 
 
@@ -216,14 +218,16 @@ class _StreamReader:
         """At the end of the file: MediaError when packets stop well before the stream's indexed
         duration (a truncated download whose index survived, e.g. an mp4 with faststart)."""
         formats = set(self.container.format.name.split(","))
-        if not formats & _INDEXED_FORMATS or self.stream.duration is None or (self.end_s is None and self._seeked):
-            return  # no index to compare with, or a seek went past the last packet
+        seeked_past_the_end = self.end_s is None and self._seeked
+        if not formats & _INDEXED_FORMATS or self.stream.duration is None or seeked_past_the_end:
+            return
         indexed_end_s = self.seconds((self.stream.start_time or 0) + self.stream.duration)
         tolerance_s = max(_TRUNCATION_TOLERANCE_S, 2 * self.fallback_duration_s)
         if (self.end_s or 0) < indexed_end_s - tolerance_s:
             raise MediaError(self.path, f"the file is truncated: its {self.stream.type} data ends at "
-                                        f"{float(self.end_s or 0):.3f} s but its index says {float(indexed_end_s):.3f} s; "
-                                        "the file was not copied or written completely, fetch or create it again")
+                                        f"{float(self.end_s or 0):.3f} s but its index says "
+                                        f"{float(indexed_end_s):.3f} s; the file was not copied or "
+                                        "written completely, fetch or create it again")
 
     def frames(self) -> Iterator[Tuple[av.frame.Frame, Optional[Fraction]]]:
         """Decoded frames with their time (seconds from the origin) in presentation order."""
@@ -312,7 +316,8 @@ def _frame_duration_s(stream) -> Fraction:
 def _video_reader(container, path, timeout_s) -> _StreamReader:
     stream = _video_stream(container, path)
     stream.thread_type = "AUTO"
-    return _StreamReader(container, stream, path, timeout_s, fallback_duration_s=_frame_duration_s(stream))
+    return _StreamReader(container, stream, path, timeout_s,
+                         fallback_duration_s=_frame_duration_s(stream))
 
 
 def read_video(path, start_s=0.0, duration_s=None, fps=None, gray=False, size=None,
@@ -473,8 +478,8 @@ def read_audio(path, start_s=0.0, duration_s=None, sample_rate=16000, timeout_s=
         float32 array (N,) in [-1, 1].
     """
     rate_out = int(_positive_rate(sample_rate, "sample_rate"))
-    first_out = round(float(_exact(start_s, "start_s")) * rate_out)
-    num_out = None if duration_s is None else round(float(_exact(duration_s, "duration_s")) * rate_out)
+    first_out = round(_exact(start_s, "start_s") * rate_out)
+    num_out = None if duration_s is None else round(_exact(duration_s, "duration_s") * rate_out)
     with _open_input(path) as container:
         reader, rate_in = _audio_reader(container, path, timeout_s)
         # Native samples are decoded from a multiple of `grid`, where both sample clocks meet,
@@ -487,7 +492,8 @@ def read_audio(path, start_s=0.0, duration_s=None, sample_rate=16000, timeout_s=
     first_in_out = first_in * rate_out // rate_in
     resampled = _resample(native, rate_in, rate_out)
     if reached_end:
-        resampled = _fit_length(resampled, round((first_in + len(native)) * rate_out / rate_in) - first_in_out)
+        total_out = round((first_in + len(native)) * rate_out / rate_in)
+        resampled = _fit_length(resampled, total_out - first_in_out)
     window = resampled[first_out - first_in_out:]
     if num_out is not None:
         window = window[:num_out]
@@ -561,14 +567,16 @@ def probe(path, timeout_s=60.0) -> MediaInfo:
 def _check_frames(frames) -> np.ndarray:
     """Validate frames for yuv420p encoding: uint8 (T, H, W, 3) or (T, H, W), even H and W."""
     frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or not (frames.ndim == 3 or (frames.ndim == 4 and frames.shape[-1] == 3)):
-        raise ValueError(f"frames must be uint8 (T, H, W, 3) RGB or (T, H, W) gray, got {frames.dtype} "
-                         f"{frames.shape}; convert with np.clip(x, 0, 255).astype(np.uint8)")
+    rgb_or_gray = frames.ndim == 3 or (frames.ndim == 4 and frames.shape[-1] == 3)
+    if frames.dtype != np.uint8 or not rgb_or_gray:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3) RGB or (T, H, W) gray, got "
+                         f"{frames.dtype} {frames.shape}; convert with np.clip(x, 0, 255).astype(np.uint8)")
     if len(frames) == 0:
         raise ValueError("frames is empty; pass at least one frame")
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
-        raise ValueError(f"frames are {height}x{width} (H x W); yuv420p needs even sizes, crop or pad one pixel")
+        raise ValueError(f"frames are {height}x{width} (H x W); yuv420p needs even sizes, "
+                         "crop or pad one pixel")
     return frames
 
 
@@ -576,8 +584,8 @@ def _check_mono(samples, name: str) -> np.ndarray:
     """Validate mono audio: a 1-D float array, returned as float32 clipped to [-1, 1]."""
     samples = np.asarray(samples)
     if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.floating):
-        raise ValueError(f"{name} must be float (N,) mono in [-1, 1], got {samples.dtype} {samples.shape}; "
-                         "average the channels first")
+        raise ValueError(f"{name} must be float (N,) mono in [-1, 1], got {samples.dtype} "
+                         f"{samples.shape}; average the channels first")
     return np.clip(samples.astype(np.float32), -1.0, 1.0)
 
 
@@ -626,13 +634,15 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=No
             audio_stream = container.add_stream("aac", rate=int(sample_rate), layout="mono")
         written = 0  # audio samples encoded so far, kept up with the video for interleaving
         for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gray" if image.ndim == 2 else "rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image),
+                                               format="gray" if image.ndim == 2 else "rgb24")
             frame.pts = index
             container.mux(video_stream.encode(frame))
             if audio_stream is not None:
                 until = min(len(audio), round((index + 1) / rate * sample_rate))
                 if until > written:
-                    container.mux(audio_stream.encode(_audio_frame(audio[written:until], sample_rate, written)))
+                    chunk = _audio_frame(audio[written:until], sample_rate, written)
+                    container.mux(audio_stream.encode(chunk))
                     written = until
         container.mux(video_stream.encode(None))
         if audio_stream is not None:

@@ -228,7 +228,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     t = value * (1.0 - saturation * (1.0 - fraction))
     # Per channel (R, G, B): its value in each of the six sextants of the colour wheel.
     per_sextant = ((value, q, p, p, t, value), (t, value, value, q, p, p), (p, p, t, value, value, q))
-    channels = [torch.stack(choices).gather(0, sextant.unsqueeze(0)).squeeze(0) for choices in per_sextant]
+    index = sextant.unsqueeze(0)
+    channels = [torch.stack(choices).gather(0, index).squeeze(0) for choices in per_sextant]
     return torch.stack(channels, dim=-3)
 
 

@@ -95,13 +95,14 @@ def sample_event(rng, kind, frame):
         colour=tuple(float(c) for c in rng.uniform(30, 230, 3)),
         x=float(rng.uniform(0.15, 0.85)),
         size=float(rng.uniform(0.05, 0.08) if kind == "ball" else rng.uniform(0.18, 0.3)),
-        duration_s=float(rng.uniform(0.4, 0.7) if kind == "ball" else rng.uniform(0.3, 0.5)),
-        bounciness=float(rng.uniform(0.35, 0.55)),
+        duration_s=float(rng.uniform(0.35, 0.6) if kind == "ball" else rng.uniform(0.3, 0.5)),
+        bounciness=float(rng.uniform(0.25, 0.45)),
     )
 
 
 def ball_contacts_s(event):
-    """Times (seconds) the ball touches the ground: the event, then two bounces."""
+    """Times (seconds) the ball touches the ground: the event, then two bounces (all within
+    0.8 s, so the bounces are quiet before the next event)."""
     # a bounce with restitution e lasts 2 e times the fall from the release height
     first_bounce = 2 * event.bounciness * event.duration_s
     return (event.time_s, event.time_s + first_bounce, event.time_s + first_bounce * (1 + event.bounciness))
