@@ -27,20 +27,24 @@ from avplugins.modules.synchformer_net import SynchformerNet, pooled_segment_emb
 UNUSED_OFFICIAL_PATCH_EMBED = 768 * 3 * 16 * 16 + 768
 
 
-def tiny_net(num_segments=2, rates=None, **sync_args):
-    """The fixtures' tiny configuration (fixtures/README 'Tiny configuration')."""
+def tiny_net(image_size=224, rates=None):
+    """The fixtures' tiny configuration (fixtures/README 'Tiny configuration'), optionally on
+    smaller frames."""
     rates = rates or {}
     return SynchformerNet.build(
-        num_segments=num_segments,
-        visual_args=dict(dim=64, depth=2, num_heads=4, num_frames=4, **rates.get("visual", {})),
+        num_segments=2,
+        visual_args=dict(
+            image_size=image_size, dim=64, depth=2, num_heads=4, num_frames=4, **rates.get("visual", {})
+        ),
         audio_args=dict(dim=48, depth=2, num_heads=4, **rates.get("audio", {})),
-        sync_args=dict(dim=32, depth=2, num_heads=4, **rates.get("sync", {}), **sync_args),
+        sync_args=dict(dim=32, depth=2, num_heads=4, **rates.get("sync", {})),
     )
 
 
-def tiny_inputs(batch=2, segments=2, seed=0):
+def tiny_inputs(batch=2, image_size=224, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    video = torch.randn(batch, segments, 4, 3, 224, 224, generator=generator)
+    segments = 2
+    video = torch.randn(batch, segments, 4, 3, image_size, image_size, generator=generator)
     audio = torch.randn(batch, segments, 1, 128, 66, generator=generator)
     return video, audio
 
@@ -126,8 +130,8 @@ def test_divided_attention_matches_float64_masked_oracle(axis):
 
 def test_tiny_net_float32_agrees_with_float64_recomputation():
     torch.manual_seed(0)
-    net = tiny_net().eval()
-    video, audio = tiny_inputs()
+    net = tiny_net(image_size=64).eval()
+    video, audio = tiny_inputs(image_size=64)
     with torch.no_grad():
         out32 = net(video, audio)["offset_logits"]
         tokens32 = net.sync_tokens(*net.forward_features(video, audio))
@@ -145,10 +149,10 @@ def test_dropout_and_drop_path_are_off_in_eval():
         "sync": dict(dropout=0.5, attn_dropout=0.5),
     }
     torch.manual_seed(0)
-    noisy = tiny_net(rates=rates)
-    clean = tiny_net()
+    noisy = tiny_net(image_size=64, rates=rates)
+    clean = tiny_net(image_size=64)
     clean.load_state_dict(noisy.state_dict(), strict=True)
-    video, audio = tiny_inputs(batch=1)
+    video, audio = tiny_inputs(batch=1, image_size=64)
     with torch.no_grad():
         noisy.train()
         train_a, train_b = noisy(video, audio), noisy(video, audio)

@@ -44,7 +44,8 @@ def audio_args(cfg: SynchformerTowersConfig) -> dict:
     )
 
 
-def tiny_towers(cfg: SynchformerTowersConfig) -> None:
-    """The CPU-test/demo tower sizes (the same code path as the paper's, only smaller)."""
-    cfg.video_dim, cfg.video_depth, cfg.video_heads, cfg.video_drop_path = 64, 2, 4, 0.0
-    cfg.audio_dim, cfg.audio_depth, cfg.audio_heads = 64, 2, 4
+# The CPU-test/demo tower sizes (the same code path as the paper's, only smaller).
+TINY_TOWERS = dict(
+    video_dim=64, video_depth=2, video_heads=4, video_drop_path=0.0,
+    audio_dim=64, audio_depth=2, audio_heads=4,
+)

@@ -8,10 +8,11 @@ to [0.001, 0.5] before every forward (as the official ``AVCLIP``).
 from dataclasses import dataclass, field
 
 import torch
-from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
+from fairseq.models import BaseFairseqModel, register_model
 from torch import nn
 
-from avplugins.models._synchformer_towers import SynchformerTowersConfig, audio_args, tiny_towers, visual_args
+from avplugins.models._synchformer_towers import TINY_TOWERS, SynchformerTowersConfig, audio_args, visual_args
+from avplugins.models._variants import register_variant
 from avplugins.modules.synchformer_net import SynchformerNet, pooled_segment_embeddings
 
 
@@ -60,11 +61,5 @@ class SynchformerSegmentClipModel(BaseFairseqModel):
         }
 
 
-@register_model_architecture("synchformer_segment_clip", "synchformer_segment_clip_base")
-def synchformer_segment_clip_base(cfg: SynchformerSegmentClipConfig) -> None:
-    """The paper's sizes: the dataclass defaults."""
-
-
-@register_model_architecture("synchformer_segment_clip", "synchformer_segment_clip_tiny")
-def synchformer_segment_clip_tiny(cfg: SynchformerSegmentClipConfig) -> None:
-    tiny_towers(cfg)
+register_variant(SynchformerSegmentClipModel, "synchformer_segment_clip", "base", {})
+register_variant(SynchformerSegmentClipModel, "synchformer_segment_clip", "tiny", TINY_TOWERS)

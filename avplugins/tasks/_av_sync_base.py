@@ -43,10 +43,7 @@ class AVSyncTaskBase(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: AVSyncDataConfig, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(
-                f"task.data={cfg.data!r} is not a folder; point it at the folder holding train.tsv/valid.tsv"
-            )
+        # the data folder is checked when a split is loaded: inference needs no data folder
         return cls(cfg)
 
     def segment_layout(self, stride_frames: int) -> SegmentLayout:
@@ -75,7 +72,10 @@ class AVSyncTaskBase(FairseqTask):
     def manifest_path(self, split: str) -> str:
         path = os.path.join(self.cfg.data, f"{split}.tsv")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no manifest {path} for split {split!r}")
+            raise FileNotFoundError(
+                f"no manifest {path} for split {split!r}; task.data={self.cfg.data!r} must be the folder "
+                "holding {split}.tsv (see `avplugins-synth` or `python -m preprocess.make_manifest`)"
+            )
         return path
 
     def is_train_split(self, split: str) -> bool:

@@ -1,0 +1,87 @@
+"""Loading checkpoints without executing pickled code.
+
+fairseq writes checkpoints with ``torch.save``; besides tensors they hold plain containers,
+the training metrics (fairseq meter objects) and numpy scalars. :func:`load_checkpoint_state`
+reads them with ``torch.load(weights_only=True)`` and an explicit allow-list of exactly those
+classes, so a file carrying any other pickled object (e.g. a payload that would run code) is
+refused with a clear error instead of being executed.
+"""
+import collections
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds pickled objects outside the allow-list; it was not loaded."""
+
+
+def allowed_checkpoint_globals() -> list:
+    """The classes a fairseq checkpoint of this project may contain besides tensors."""
+    from fairseq.logging import meters
+
+    return [
+        collections.OrderedDict,
+        collections.defaultdict,
+        meters.AverageMeter,
+        meters.SumMeter,
+        meters.TimeMeter,
+        meters.StopwatchMeter,
+        meters.MetersDict,
+        np.dtype,
+        np.ndarray,
+        np._core.multiarray._reconstruct,
+        np._core.multiarray.scalar,
+        *[type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")],
+    ]
+
+
+def load_checkpoint_state(path: str) -> Dict[str, Any]:
+    """``torch.load`` of a checkpoint onto the CPU with weights-only unpickling and our allow-list.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file needs a class outside the allow-list (nothing of it ran).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with torch.serialization.safe_globals(allowed_checkpoint_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except torch.serialization.pickle.UnpicklingError as error:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: it contains pickled objects outside the allow-list of "
+                f"tensors, containers and fairseq metrics ({str(error).splitlines()[0]}). A file "
+                "that would run code when unpickled is never loaded here; only use checkpoints "
+                "from sources you trust, and import official ones with `avplugins-convert`."
+            ) from None
+
+
+def load_model(path: str, device: Optional[str] = None, task_overrides: Optional[dict] = None):
+    """Load any checkpoint this project writes or imports, in eval mode.
+
+    Args:
+        path: a fairseq checkpoint of one of our models (training output, or written by
+            ``avplugins-convert``).
+        device: torch device (default CPU).
+        task_overrides: task config values to replace, e.g. ``{"data": "/new/place"}`` when the
+            model needs its task's dictionary and the training data folder moved.
+    Returns:
+        the model (``torch.nn.Module``) in eval mode on ``device``.
+    """
+    from fairseq import models, tasks
+    from omegaconf import OmegaConf, open_dict
+
+    state = load_checkpoint_state(path)
+    if not state.get("cfg") or "model" not in state:
+        raise ValueError(f"{path}: not a fairseq checkpoint of this project (no 'cfg' or 'model' entry)")
+    cfg = OmegaConf.create(state["cfg"])
+    with open_dict(cfg):
+        for key, value in (task_overrides or {}).items():
+            cfg.task[key] = value
+    task = tasks.setup_task(cfg.task, from_checkpoint=True)
+    model = models.build_model(cfg.model, task, from_checkpoint=True)
+    model.load_state_dict(state["model"], strict=True)
+    return model.to(device or "cpu").eval()
