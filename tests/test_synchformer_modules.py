@@ -34,7 +34,8 @@ def tiny_net(image_size=224, rates=None):
     return SynchformerNet.build(
         num_segments=2,
         visual_args=dict(
-            image_size=image_size, dim=64, depth=2, num_heads=4, num_frames=4, **rates.get("visual", {})
+            image_size=image_size, dim=64, depth=2, num_heads=4, num_frames=4,
+            **rates.get("visual", {}),
         ),
         audio_args=dict(dim=48, depth=2, num_heads=4, **rates.get("audio", {})),
         sync_args=dict(dim=32, depth=2, num_heads=4, **rates.get("sync", {})),
@@ -226,12 +227,13 @@ def test_filter_rejects_unknown_keys_and_drops_unused_patch_embed():
     with pytest.raises(ValueError, match=r"unrecognised key 'vfeat_extractor.temp_attn_agg.x'"):
         checkpoint_filter_fn({"vfeat_extractor.temp_attn_agg.x": torch.zeros(1)})
     with pytest.raises(ValueError, match="two official keys map to 'vproj.weight'"):
-        checkpoint_filter_fn({"vproj.weight": torch.zeros(1), "module.vproj.weight": torch.zeros(1)})
+        checkpoint_filter_fn({"vproj.weight": torch.ones(1), "module.vproj.weight": torch.ones(1)})
 
 
 def test_fit_sync_positions_trims_and_refuses_to_grow():
     state = {"sync.pos_embed": torch.arange(18.0).reshape(1, 18, 1)}
-    assert fit_sync_positions(state, 10)["sync.pos_embed"].shape == (1, 10, 1)
+    trimmed = fit_sync_positions(state, 10)["sync.pos_embed"]
+    assert torch.equal(trimmed, torch.arange(10.0).reshape(1, 10, 1))
     with pytest.raises(ValueError, match="fewer than the 20 tokens"):
         fit_sync_positions({"sync.pos_embed": torch.zeros(1, 18, 1)}, 20)
 
@@ -242,10 +244,13 @@ def save_official_like(path, **entries):
 
 
 def test_loader_reads_stage2_file_with_config_metrics_and_optimizer(tmp_path):
+    n_embd = "${model.params.transformer.params.n_embd}"
     args = OmegaConf.create({
-        "model": {"params": {"transformer": {"params": {"n_embd": 32}},
-                             "vproj": {"params": {"out_features": "${model.params.transformer.params.n_embd}"}}}},
-        "data": {"n_segments": 14, "vids_path": "/data/vggsound", "grid": [-2.0, 0.0, 2.0], "x": None},
+        "model": {"params": {
+            "transformer": {"params": {"n_embd": 32}},
+            "vproj": {"params": {"out_features": n_embd}},
+        }},
+        "data": {"n_segments": 14, "vids_path": "/data/vgg", "grid": [-2.0, 0.0, 2.0], "x": None},
     })
     model = {
         "vfeat_extractor.cls_token": torch.ones(1, 1, 4),
@@ -258,16 +263,19 @@ def test_loader_reads_stage2_file_with_config_metrics_and_optimizer(tmp_path):
     path = save_official_like(
         tmp_path / "sync.pt", model=model, args=args, epoch=7, model_type="Synchformer",
         metrics={"accuracy_1": np.float64(0.43), "n": np.int64(3)}, loss=torch.tensor(1.5),
-        optimizer={"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.999)}]},
+        optimizer={
+            "state": {0: {"step": torch.tensor(3.0)}},
+            "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.999)}],
+        },
     )
     checkpoint = load_official_checkpoint(path)
     assert checkpoint.layout == SYNC
+    qkv = "sync.blocks.0.attn.qkv.bias"
     assert set(checkpoint.state_dict) == {
-        "visual.cls_token", "audio.dist_token", "sync.blocks.0.attn.qkv.bias", "sync.offset_head.weight",
+        "visual.cls_token", "audio.dist_token", qkv, "sync.offset_head.weight",
     }
-    torch.testing.assert_close(
-        checkpoint.state_dict["sync.blocks.0.attn.qkv.bias"], torch.tensor([0.0] * 4 + [1.0] * 4 + [2.0] * 4)
-    )
+    expected_qkv = torch.tensor([0.0] * 4 + [1.0] * 4 + [2.0] * 4)  # query, key, value
+    torch.testing.assert_close(checkpoint.state_dict[qkv], expected_qkv)
     assert checkpoint.config["model"]["params"]["vproj"]["params"]["out_features"] == 32
     assert checkpoint.config["data"]["grid"] == [-2.0, 0.0, 2.0]
 
@@ -286,16 +294,20 @@ def test_loader_reads_stage1_file(tmp_path):
     checkpoint = load_official_checkpoint(path)
     assert checkpoint.layout == STAGE1
     assert set(checkpoint.state_dict) == {
-        "visual.blocks.0.time_norm.weight", "audio.freq_agg.block.attn.qkv.weight", "logit_scale",
+        "visual.blocks.0.time_norm.weight", "audio.freq_agg.block.attn.qkv.weight", "temperature",
     }
+    assert checkpoint.state_dict["temperature"].item() == pytest.approx(0.07)
     assert checkpoint.config is None
 
 
 def test_loader_refuses_unknown_layout(tmp_path):
     path = save_official_like(tmp_path / "other.pt", weights={"encoder.w": torch.zeros(2)})
-    with pytest.raises(ValueError, match=r"other.pt: unrecognised checkpoint layout \(top level: \['weights'\]\)"):
+    expected = r"other.pt: unrecognised checkpoint layout \(top level: \['weights'\]\)"
+    with pytest.raises(ValueError, match=expected):
         load_official_checkpoint(path)
-    path = save_official_like(tmp_path / "stage2_without_sync.pt", model={"vfeat_extractor.cls_token": torch.zeros(1)})
+    path = save_official_like(
+        tmp_path / "towers_only.pt", model={"vfeat_extractor.cls_token": torch.zeros(1)}
+    )
     with pytest.raises(ValueError, match="unrecognised checkpoint layout"):
         load_official_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no official Synchformer checkpoint"):
@@ -318,7 +330,8 @@ def test_loader_refuses_malicious_pickle_without_running_it(tmp_path):
         tmp_path / "evil.pt", model={"vfeat_extractor.cls_token": torch.zeros(1)},
         args=CreatesAFileWhenUnpickled(target),
     )
-    with pytest.raises(ValueError, match=r"evil.pt: refused to load: the file pickles \['io.open'\]"):
+    refused = r"evil.pt: refused to load: the file pickles \['io.open'\]"
+    with pytest.raises(ValueError, match=refused):
         load_official_checkpoint(path)
     assert not target.exists()
     # the payload is real: an unrestricted unpickler would have created the file

@@ -6,8 +6,8 @@ official trainer pickles beside the weights) and recognises its layout;
 :func:`checkpoint_filter_fn` renames the official keys to those of
 :class:`avplugins.modules.synchformer_net.SynchformerNet` (``visual.*``, ``audio.*``,
 ``vproj``, ``aproj``, ``sync.*``) and fuses separate query/key/value projections into our
-``qkv``. Stage-1 files map to the towers plus ``logit_scale`` (the contrastive temperature
-itself, not its logarithm).
+``qkv``. Stage-1 files map to the towers plus ``temperature`` (official ``logit_scale``,
+which holds the InfoNCE temperature itself, not a log-scale), the name our stage-1 model uses.
 """
 import collections
 import pickle
@@ -95,7 +95,7 @@ _SYNC_RULES: List[Rule] = [
 
 _TOP_LEVEL_RULES: List[Rule] = [
     (r"(vproj|aproj)\.(weight|bias)", r"\1.\2"),
-    (r"logit_scale", "logit_scale"),
+    (r"logit_scale", "temperature"),
 ]
 
 # official first key component -> (our prefix, rules for the rest of the key)
@@ -136,7 +136,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, to
     """Official Synchformer state dict (stage 2 ``ckpt['model']``, the synchronizability
     variant, or stage 1 ``ckpt['state_dict']``; a ``module.`` prefix is ignored) -> state dict
     of :class:`~avplugins.modules.synchformer_net.SynchformerNet` (stage 1: towers and
-    ``logit_scale``). Separate query/key/value projections are concatenated into ``qkv``.
+    ``temperature``). Separate query/key/value projections are concatenated into ``qkv``.
 
     Raises:
         ValueError: on a key of an unknown part, a duplicated key or an incomplete q/k/v set.
@@ -161,7 +161,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, to
     return ours
 
 
-def fit_sync_positions(state_dict: Dict[str, torch.Tensor], num_tokens: int) -> Dict[str, torch.Tensor]:
+def fit_sync_positions(
+    state_dict: Dict[str, torch.Tensor], num_tokens: int
+) -> Dict[str, torch.Tensor]:
     """Trims the sync module's position embedding (our keys) to ``num_tokens`` positions, as
     the official code does when a model for fewer segments (e.g. 13 for synchronizability)
     starts from a 14-segment checkpoint. Returns the same dict, updated in place.
@@ -212,13 +214,14 @@ def _allowed_globals() -> List[Tuple[Any, str]]:
         (nodes.IntegerNode, "omegaconf.nodes"), (nodes.FloatNode, "omegaconf.nodes"),
         (nodes.BooleanNode, "omegaconf.nodes"),
     ]
+    numpy_dtypes = [type(np.dtype(code)) for code in "?bhilqBHILQefd"]  # bool, ints, floats
     return [
         *((cls, f"{module}.{cls.__name__}") for cls, module in omegaconf_classes),
         *((cls, f"builtins.{cls.__name__}") for cls in (dict, list, int, float, str, bool)),
         (collections.defaultdict, "collections.defaultdict"),
         (typing.Any, "typing.Any"),
         (np.dtype, "numpy.dtype"),
-        *((type(np.dtype(code)), f"numpy.dtypes.{type(np.dtype(code)).__name__}") for code in "?bhilqBHILQefd"),
+        *((cls, f"numpy.dtypes.{cls.__name__}") for cls in numpy_dtypes),
         (scalar, "numpy.core.multiarray.scalar"),
         (scalar, "numpy._core.multiarray.scalar"),
     ]
@@ -246,16 +249,19 @@ def _find_weights(checkpoint: Any, path: Path) -> Tuple[str, Mapping[str, torch.
         if isinstance(model, Mapping):
             components = {_strip_ddp(key).split(".")[0] for key in model}
             if {"vfeat_extractor", "afeat_extractor", "transformer"} <= components:
-                has_sync_head = any(_strip_ddp(k).startswith("transformer.sync_head.") for k in model)
-                return (SYNCHRONIZABILITY if has_sync_head else SYNC), model
+                sync_head = any(_strip_ddp(k).startswith("transformer.sync_head.") for k in model)
+                return (SYNCHRONIZABILITY if sync_head else SYNC), model
         weights = checkpoint.get("state_dict")
         if isinstance(weights, Mapping):
             components = {_strip_ddp(key).split(".")[0] for key in weights}
             if {"v_encoder", "a_encoder", "logit_scale"} <= components:
                 return STAGE1, weights
-    found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    if isinstance(checkpoint, Mapping):
+        found = f"top level: {sorted(map(str, checkpoint))}"
+    else:
+        found = f"a {type(checkpoint).__name__}"
     raise ValueError(
-        f"{path}: unrecognised checkpoint layout (top level: {found}). Expected an official "
+        f"{path}: unrecognised checkpoint layout ({found}). Expected an official "
         "Synchformer stage-2 file ('model' with vfeat_extractor.*, afeat_extractor.*, "
         "transformer.*) or a stage-1 file ('state_dict' with module.v_encoder.*, "
         "module.a_encoder.*, logit_scale)."

@@ -12,7 +12,7 @@ Batches: ``net_input = {"audio": (B, T, 104) | None, "video": (B, 1, T, 88, 88) 
 """
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +52,26 @@ class NoiseConfig:
 
 
 class AVSpeechDataset(FairseqDataset):
+    """Utterances of an AV-HuBERT manifest as fairseq batches (see the module docstring).
+
+    Args:
+        manifest_path: ``{split}.tsv``.
+        modalities: streams to decode (``audio``, ``video``).
+        train: random windows / crops / flips and per-epoch randomness; else deterministic.
+        labels: optional token tensors (eos-terminated), one per manifest row.
+        pad_index, eos_index: dictionary indices for collating labels.
+        crop_size: mouth crop (pixels) taken from each frame.
+        max_frames: longer utterances are cut to a window of this many frames (25 fps).
+        min_frames: rows with fewer video frames are left out.
+        noise: optional additive noise for the audio.
+        skip_invalid: skip utterances that fail to decode (logged and counted).
+        seed: base seed of all randomness.
+        image_size: resize the stored frames to this square size before cropping (None:
+            as stored, e.g. 96 x 96 mouth ROIs).
+        cache_media: keep every decoded utterance in memory after its first use (per
+            process: use it with ``dataset.num_workers=0``; for small corpora).
+    """
+
     def __init__(
         self,
         manifest_path: str,
@@ -66,6 +86,8 @@ class AVSpeechDataset(FairseqDataset):
         noise: Optional[NoiseConfig] = None,
         skip_invalid: bool = False,
         seed: int = 1,
+        image_size: Optional[int] = None,
+        cache_media: bool = False,
     ):
         super().__init__()
         self.manifest_path = manifest_path
@@ -88,6 +110,9 @@ class AVSpeechDataset(FairseqDataset):
         self.noise = noise
         self.skip_invalid = skip_invalid
         self.seed = seed
+        self.image_size = image_size
+        self.cache_media = cache_media
+        self._media_cache: Dict[int, Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = {}
         self.epoch = 1
         self.num_skipped = 0
         self.sizes = np.array(
@@ -130,18 +155,14 @@ class AVSpeechDataset(FairseqDataset):
         if self.max_frames is not None and entry.num_video_frames > self.max_frames:
             # long utterances: a random window in training, the start otherwise
             start_frame = int(rng.integers(0, entry.num_video_frames - num_frames + 1)) if self.train else 0
-        start_s, duration_s = start_frame / VIDEO_FPS, num_frames / VIDEO_FPS
+        frames, samples = self.read_media(index, start_frame, num_frames)
         item = {"id": index}
-        if "video" in self.modalities:
-            frames = read_video(entry.video_path, start_s=start_s, duration_s=duration_s, fps=VIDEO_FPS, gray=True)
-            if len(frames) == 0:
-                raise MediaError(entry.video_path, "no video frames decoded; the file may be empty or truncated")
+        if frames is not None:
             num_frames = len(frames)
             item["video"] = torch.from_numpy(
                 av_data2vec_video_transform(frames, train=self.train, rng=rng, crop_size=self.crop_size)
             )
-        if "audio" in self.modalities:
-            samples = read_audio(entry.audio_path, start_s=start_s, duration_s=duration_s, sample_rate=SAMPLE_RATE)
+        if samples is not None:
             if self.noise is not None and rng.random() < self.noise.prob:
                 snr_db = float(rng.choice(np.asarray(self.noise.snr_db, dtype=np.float64)))
                 samples = mix_at_snr(samples, self.noise.bank.draw(len(samples), rng), snr_db)
@@ -150,6 +171,43 @@ class AVSpeechDataset(FairseqDataset):
         if self.labels is not None:
             item["target"] = self.labels[index]
         return item
+
+    def decode(self, index: int, start_frame: int = 0, num_frames: Optional[int] = None):
+        """The requested streams of utterance ``index`` from frame ``start_frame`` on
+        (``num_frames`` frames, to the end when None).
+
+        Returns:
+            (frames (T, H, W) uint8 or None, samples (N,) float32 at 16 kHz or None).
+        """
+        entry = self.entries[index]
+        start_s = start_frame / VIDEO_FPS
+        duration_s = None if num_frames is None else num_frames / VIDEO_FPS
+        frames = samples = None
+        if "video" in self.modalities:
+            size = None if self.image_size is None else (self.image_size, self.image_size)
+            frames = read_video(
+                entry.video_path, start_s=start_s, duration_s=duration_s, fps=VIDEO_FPS, gray=True, size=size
+            )
+            if len(frames) == 0:
+                raise MediaError(entry.video_path, "no video frames decoded; the file may be empty or truncated")
+        if "audio" in self.modalities:
+            samples = read_audio(entry.audio_path, start_s=start_s, duration_s=duration_s, sample_rate=SAMPLE_RATE)
+        return frames, samples
+
+    def read_media(self, index: int, start_frame: int, num_frames: int):
+        """:meth:`decode` of a window; with ``cache_media`` the whole utterance is decoded once
+        and kept in memory (per process: use it with ``num_workers=0``)."""
+        if not self.cache_media:
+            return self.decode(index, start_frame, num_frames)
+        if index not in self._media_cache:
+            self._media_cache[index] = self.decode(index)
+        frames, samples = self._media_cache[index]
+        if frames is not None:
+            frames = frames[start_frame : start_frame + num_frames]
+        if samples is not None:
+            samples_per_frame = SAMPLE_RATE // VIDEO_FPS
+            samples = samples[start_frame * samples_per_frame : (start_frame + num_frames) * samples_per_frame]
+        return frames, samples
 
     def __getitem__(self, index: int) -> Optional[dict]:
         try:

@@ -34,7 +34,9 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
     attention pattern differs.
     """
 
-    def forward(self, x: torch.Tensor, num_slots: int, axis: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, num_slots: int, axis: str
+    ) -> torch.Tensor:
         """
         Args:
             x: (B, 1 + t * p, D) tokens: CLS then t temporal slots of p patches each.
@@ -67,9 +69,11 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
         cls_value = value[:, :, None, :1].expand(-1, -1, num_groups, -1, -1)
         group_key = torch.cat((cls_key, groups(key[:, :, 1:])), dim=3)
         group_value = torch.cat((cls_value, groups(value[:, :, 1:])), dim=3)
+        # heads x groups as one batch axis: the fused SDPA kernels take 4-D inputs
         patch_out = F.scaled_dot_product_attention(
-            patch_query, group_key, group_value, dropout_p=dropout_p
-        )  # (B, H, G, L, Dh)
+            patch_query.flatten(1, 2), group_key.flatten(1, 2), group_value.flatten(1, 2),
+            dropout_p=dropout_p,
+        ).unflatten(1, (self.num_heads, num_groups))  # (B, H, G, L, Dh)
         if axis == TIME:
             patch_out = patch_out.transpose(2, 3)
         patch_out = patch_out.reshape(batch, self.num_heads, num_tokens - 1, self.head_dim)

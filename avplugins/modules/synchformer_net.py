@@ -39,14 +39,7 @@ class SynchformerNet(nn.Module):
         sync: Optional[SyncTransformer] = None,
     ):
         super().__init__()
-        self.visual = visual
-        self.audio = audio
-        self.sync = sync
         if sync is not None:
-            self.vproj = nn.Linear(visual.dim, sync.dim)
-            self.aproj = nn.Linear(audio.dim, sync.dim)
-            init_transformer_weights(self.vproj)
-            init_transformer_weights(self.aproj)
             visual_segments = sync.num_visual_tokens / visual.tokens_per_segment
             audio_segments = sync.num_audio_tokens / audio.tokens_per_segment
             if visual_segments != audio_segments or not visual_segments.is_integer():
@@ -55,6 +48,14 @@ class SynchformerNet(nn.Module):
                     f"{sync.num_audio_tokens} audio tokens, but the towers give "
                     f"{visual.tokens_per_segment} and {audio.tokens_per_segment} per segment"
                 )
+        self.visual = visual
+        self.audio = audio
+        self.sync = sync
+        if sync is not None:
+            self.vproj = nn.Linear(visual.dim, sync.dim)
+            self.aproj = nn.Linear(audio.dim, sync.dim)
+            for projection in (self.vproj, self.aproj):
+                init_transformer_weights(projection)
 
     @classmethod
     def build(
@@ -102,7 +103,8 @@ class SynchformerNet(nn.Module):
 
     def forward_head(self, vfeats: torch.Tensor, afeats: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Tower features -> ``offset_logits (B, n_offsets)`` and/or ``sync_logits (B, 2)``."""
-        return self.sync.heads(self.sync_tokens(vfeats, afeats))
+        tokens = self.sync_tokens(vfeats, afeats)
+        return self.sync.heads(tokens)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> Dict[str, torch.Tensor]:
         """(B, S, T, C, H, W) frames, (B, S, 1, F, Ta) log-mels -> dict of logits."""

@@ -10,13 +10,23 @@ from omegaconf import II, MISSING
 from avplugins.data.av_speech_dataset import parse_modalities
 
 
+DEFAULT_MODALITIES = "audio,video"
+
+
 @dataclass
 class AVSpeechDataConfig(FairseqDataclass):
     data: str = field(default=MISSING, metadata={"help": "folder with {split}.tsv manifests"})
     modalities: str = field(
-        default="audio,video", metadata={"help": "input streams: 'audio', 'video' or 'audio,video'"}
+        default=DEFAULT_MODALITIES, metadata={"help": "input streams: 'audio', 'video' or 'audio,video'"}
     )
     crop_size: int = field(default=88, metadata={"help": "mouth crop (pixels) taken from the 96x96 ROI"})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "resize the stored frames to this square size before cropping"}
+    )
+    cache_media: bool = field(
+        default=False,
+        metadata={"help": "keep decoded utterances in memory (small corpora; with dataset.num_workers=0)"},
+    )
     max_frames: Optional[int] = field(
         default=None, metadata={"help": "training crops longer clips to this many frames (25 fps)"}
     )
@@ -29,11 +39,13 @@ class AVSpeechDataConfig(FairseqDataclass):
 
 
 class AVSpeechTaskBase(FairseqTask):
+    """Data folder checks, manifest paths and the dataset options both tasks pass on."""
+
     cfg: AVSpeechDataConfig
 
     def __init__(self, cfg: AVSpeechDataConfig, **kwargs):
         super().__init__(cfg)
-        self.modalities = parse_modalities(cfg.modalities)
+        self.modalities = parse_modalities(cfg.modalities or DEFAULT_MODALITIES)
 
     @classmethod
     def check_data_dir(cls, cfg: AVSpeechDataConfig) -> None:
@@ -47,6 +59,18 @@ class AVSpeechTaskBase(FairseqTask):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no manifest {path} for split {split!r}")
         return path
+
+    def dataset_options(self) -> dict:
+        """Keyword arguments of :class:`AVSpeechDataset` that come straight from the config."""
+        cfg = self.cfg
+        return {
+            "crop_size": cfg.crop_size,
+            "image_size": cfg.image_size,
+            "cache_media": cfg.cache_media,
+            "min_frames": cfg.min_frames,
+            "skip_invalid": cfg.skip_invalid,
+            "seed": cfg.seed,
+        }
 
     def is_train_split(self, split: str) -> bool:
         return split == self.cfg.train_subset

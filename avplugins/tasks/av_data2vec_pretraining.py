@@ -28,11 +28,8 @@ class AVData2VecPretrainingTask(AVSpeechTaskBase):
             self.manifest_path(split),
             modalities=self.modalities,
             train=train,
-            crop_size=self.cfg.crop_size,
             max_frames=self.cfg.max_frames,
-            min_frames=self.cfg.min_frames,
-            skip_invalid=self.cfg.skip_invalid,
-            seed=self.cfg.seed,
+            **self.dataset_options(),
         )
 
     @property

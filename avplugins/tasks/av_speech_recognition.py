@@ -18,7 +18,7 @@ from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
 
-from avplugins.data.av_speech_dataset import AVSpeechDataset, NoiseConfig
+from avplugins.data.av_speech_dataset import AVSpeechDataset, NoiseConfig, parse_modalities
 from avplugins.data.manifest import read_labels, read_manifest
 from avplugins.data.noise import NoiseBank
 from avplugins.tasks._av_speech_base import AVSpeechDataConfig, AVSpeechTaskBase
@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AVSpeechRecognitionConfig(AVSpeechDataConfig):
+    modalities: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "input streams: 'audio', 'video' or 'audio,video' (default: when decoding a "
+            "checkpoint, the streams it was fine-tuned on; otherwise audio,video)"
+        },
+    )
     labels: str = field(default="wrd", metadata={"help": "label file extension: {split}.{labels}"})
     tokenizer_model: Optional[str] = field(
         default=None, metadata={"help": "sentencepiece model (default: the one *.model in task.data)"}
@@ -133,23 +140,30 @@ class AVSpeechRecognitionTask(AVSpeechTaskBase):
             raise ValueError(f"task.noise_snr_db={cfg.noise_snr_db!r}: give numbers in dB separated by commas") from None
         return NoiseConfig(self.noise_bank, snr_db, cfg.noise_prob)
 
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+    def modalities_for(self, task_cfg=None) -> List[str]:
+        """The streams to load: ``task.modalities`` when set, else those of ``task_cfg`` (the
+        checkpoint's task config that ``fairseq-generate`` passes), else audio and video."""
+        if self.cfg.modalities:
+            return self.modalities
+        trained = getattr(task_cfg, "modalities", None) if task_cfg is not None else None
+        return parse_modalities(trained) if trained else self.modalities
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, task_cfg=None, **kwargs):
         manifest = self.manifest_path(split)
         _, entries = read_manifest(manifest)
         train = self.is_train_split(split)
+        modalities = self.modalities_for(task_cfg)
+        logger.info("%s: input streams %s", split, "+".join(modalities))
         self.datasets[split] = AVSpeechDataset(
             manifest,
-            modalities=self.modalities,
+            modalities=modalities,
             train=train,
             labels=self.load_labels(split, len(entries)),
             pad_index=self.dictionary.pad(),
             eos_index=self.dictionary.eos(),
-            crop_size=self.cfg.crop_size,
             max_frames=self.cfg.max_frames if train else None,
-            min_frames=self.cfg.min_frames,
             noise=self.noise_for(split),
-            skip_invalid=self.cfg.skip_invalid,
-            seed=self.cfg.seed,
+            **self.dataset_options(),
         )
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):

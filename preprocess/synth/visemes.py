@@ -1,12 +1,15 @@
 """From eSpeak phonemes to smooth mouth-shape trajectories (visemes with co-articulation).
 
-A viseme is a target mouth shape: five articulation parameters in [0, 1] (`PARAMETERS`) and a
-dominance, how strongly the segment imposes its shape on its neighbours. Trajectories blend
+A viseme is a target mouth shape, five articulation parameters in [0, 1] (`PARAMETERS`), and
+a dominance: how strongly the segment imposes its shape on its neighbours. Trajectories blend
 the targets of all segments with the Cohen & Massaro (1993) dominance model: every segment's
-dominance is flat over its own span and decays exponentially outside it, and the mouth shape
-at time t is the dominance-weighted mean of the targets. Lip closures (p, b, m) and rounding
-(w, u) dominate strongly, so they are reached even in fast speech; velars (k, g) barely
-constrain the lips and take the shape of the vowels around them.
+dominance is flat over its own span and decays exponentially outside it, and the shape at
+time t is the dominance-weighted mean of the targets. Rounding (w, u) dominates strongly and
+velars (k, g) barely constrain the lips, taking the shape of the vowels around them.
+
+Some consonants need contact, not a tendency: the lips must close for p, b, m and the lower
+lip must touch the teeth for f, v, however short the consonant. Those parameters are then
+pulled to their targets over the consonant's span, releasing within a few tens of ms.
 """
 from dataclasses import dataclass
 
@@ -17,8 +20,8 @@ PARAMETERS = ("opening", "width", "rounding", "teeth", "tongue")
 # (opening, width, rounding, teeth, tongue), dominance
 _VISEMES = {
     "rest": ((0.00, 0.45, 0.10, 0.0, 0.0), 1.0),
-    "bilabial": ((0.00, 0.42, 0.15, 0.0, 0.0), 6.0),
-    "labiodental": ((0.12, 0.50, 0.00, 1.0, 0.0), 4.0),
+    "bilabial": ((0.00, 0.42, 0.15, 0.0, 0.0), 3.0),
+    "labiodental": ((0.10, 0.50, 0.00, 1.0, 0.0), 3.0),
     "dental": ((0.22, 0.55, 0.00, 0.9, 1.0), 2.5),
     "alveolar": ((0.18, 0.60, 0.00, 0.7, 0.3), 1.0),
     "sibilant": ((0.08, 0.65, 0.00, 1.0, 0.0), 2.0),
@@ -40,8 +43,13 @@ _VISEMES = {
     "0": ((0.75, 0.35, 0.60, 0.2, 0.0), 1.5),
     "O": ((0.60, 0.30, 0.80, 0.1, 0.0), 1.5),
     "o": ((0.45, 0.25, 0.90, 0.0, 0.0), 1.5),
-    "U": ((0.30, 0.25, 0.85, 0.0, 0.0), 1.5),
-    "u": ((0.20, 0.12, 1.00, 0.0, 0.0), 1.5),
+    "U": ((0.30, 0.25, 0.85, 0.0, 0.0), 2.0),
+    "u": ((0.20, 0.12, 1.00, 0.0, 0.0), 2.0),
+}
+# visemes whose listed parameters must be reached: {viseme: {parameter: target}}
+_CONTACTS = {
+    "bilabial": {"opening": 0.0},
+    "labiodental": {"opening": 0.10, "teeth": 1.0},
 }
 
 # eSpeak consonant mnemonics (modifier marks stripped) -> viseme
@@ -106,11 +114,20 @@ def phonemes_to_segments(phonemes, offset_s=0.0):
     return segments
 
 
-def viseme_trajectory(segments, frame_times_s, lead_s=0.04, spread_s=0.05, strength=1.0):
+def _distance_to_spans(segments, frame_times_s, lead_s):
+    """Seconds (T, S) from each time to each segment's span shifted `lead_s` earlier (0 inside)."""
+    starts = np.array([s.start_s for s in segments]) - lead_s
+    ends = np.array([s.end_s for s in segments]) - lead_s
+    distance = np.maximum(starts[None, :] - frame_times_s[:, None], frame_times_s[:, None] - ends[None, :])
+    return np.maximum(distance, 0.0)
+
+
+def viseme_trajectory(segments, frame_times_s, lead_s=0.04, spread_s=0.05, contact_release_s=0.025, strength=1.0):
     """Mouth parameters (T, 5) (columns `PARAMETERS`, in [0, 1]) at `frame_times_s` (T,) seconds.
 
-    Each segment acts `lead_s` early (the lips anticipate the sound) and its dominance decays
-    as exp(-distance / `spread_s`) outside its span. Time outside all segments is rest.
+    Each segment acts `lead_s` early (the lips anticipate the sound); its dominance decays as
+    exp(-distance / `spread_s`) outside its span. Contacts (`_CONTACTS`) hold over their span
+    and let go as exp(-(distance / `contact_release_s`)^2). Time outside all segments is rest.
     `strength` scales the opening (a speaker's articulation effort).
     """
     frame_times_s = np.asarray(frame_times_s, dtype=np.float64)
@@ -118,12 +135,14 @@ def viseme_trajectory(segments, frame_times_s, lead_s=0.04, spread_s=0.05, stren
         segments = [Segment("rest", float(frame_times_s.min(initial=0.0)), float(frame_times_s.max(initial=0.0)))]
     first, last = segments[0].start_s, segments[-1].end_s
     segments = [Segment("rest", first - 1e3, first), *segments, Segment("rest", last, last + 1e3)]
-    starts = np.array([s.start_s for s in segments]) - lead_s
-    ends = np.array([s.end_s for s in segments]) - lead_s
+    distance = _distance_to_spans(segments, frame_times_s, lead_s)  # (T, S)
     targets = np.array([_VISEMES[s.viseme][0] for s in segments])  # (S, 5)
-    alphas = np.array([_VISEMES[s.viseme][1] for s in segments])  # (S,)
-    distance = np.maximum(starts[None, :] - frame_times_s[:, None], frame_times_s[:, None] - ends[None, :])
-    dominance = alphas[None, :] * np.exp(-np.maximum(distance, 0.0) / spread_s)  # (T, S)
+    dominance = np.array([_VISEMES[s.viseme][1] for s in segments])[None, :] * np.exp(-distance / spread_s)
     shape = dominance @ targets / dominance.sum(axis=1, keepdims=True)
+    for index, segment in enumerate(segments):
+        for parameter, target in _CONTACTS.get(segment.viseme, {}).items():
+            hold = np.exp(-((distance[:, index] / contact_release_s) ** 2))
+            column = PARAMETERS.index(parameter)
+            shape[:, column] += hold * (target - shape[:, column])
     shape[:, 0] = np.clip(shape[:, 0] * strength, 0.0, 1.0)
     return shape

@@ -1,0 +1,297 @@
+"""AV-data2vec fine-tuned for recognition: the pre-trained backbone as encoder + fairseq's
+``TransformerDecoder``, trained with ``label_smoothed_cross_entropy`` and decoded with
+fairseq's beam search (``fairseq-generate``, task ``av_speech_recognition``).
+
+The encoder reads whatever streams the batch carries (the task's ``modalities``: ASR, VSR or
+AVSR), never masks, and stays frozen (no gradients) for the first ``freeze_finetune_updates``
+updates. ``model.w2v_path`` names an ``av_data2vec`` pre-training checkpoint: its student
+backbone initialises the encoder and its shape fields (width, depth, ...) replace this
+config's; the pre-training config is kept in ``model.w2v_args`` so a fine-tuned checkpoint
+reloads without the pre-training file. Without ``w2v_path`` the encoder starts from random
+weights (the baseline that pre-training must beat).
+"""
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.models import FairseqEncoder, FairseqEncoderDecoderModel, register_model
+from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
+from fairseq.models.transformer.transformer_base import Embedding
+from fairseq.models.transformer.transformer_config import DecoderConfig, EncDecBaseConfig
+from omegaconf import OmegaConf, open_dict
+from torch import nn
+
+from avplugins.models._variants import register_variant
+from avplugins.models.av_data2vec import (
+    BACKBONE_SHAPE_FIELDS,
+    LARGE_BACKBONE,
+    TINY_BACKBONE,
+    AVBackboneConfig,
+    build_backbone,
+    draw_streams,
+)
+from avplugins.modules.av_encoder import AVData2VecBackbone
+from avplugins.modules.modality import ModalityScheduler
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED_BACKBONE_PREFIX = "backbone."
+
+
+@dataclass
+class AVData2VecSeq2SeqConfig(AVBackboneConfig):
+    w2v_path: Optional[str] = field(
+        default=None, metadata={"help": "av_data2vec pre-training checkpoint (none: random init)"}
+    )
+    w2v_args: Any = field(
+        default=None, metadata={"help": "the pre-training model config (filled in from w2v_path)"}
+    )
+    freeze_finetune_updates: int = field(
+        default=0, metadata={"help": "the encoder gets no gradients for this many updates"}
+    )
+    encoder_output_dropout: float = field(default=0.0, metadata={"help": "dropout on the encoder output"})
+    # fine-tuning regularisation of the encoder (AV-HuBERT's fine-tuning values)
+    dropout_input: float = field(default=0.0, metadata={"help": "dropout on the fused features"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the encoder transformer"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "encoder attention-weight dropout"})
+    activation_dropout: float = field(default=0.1, metadata={"help": "encoder FFN activation dropout"})
+    encoder_layerdrop: float = field(default=0.1, metadata={"help": "encoder block skip probability"})
+    # optional modality dropout while fine-tuning on audio+video batches (training only)
+    finetune_p_av: float = field(
+        default=1.0, metadata={"help": "P(audio+video) per utterance in training (1: no modality dropout)"}
+    )
+    finetune_p_audio: float = field(
+        default=0.5, metadata={"help": "P(audio only | not audio+video) in training"}
+    )
+    # decoder (Base)
+    decoder_embed_dim: int = field(default=768, metadata={"help": "decoder width"})
+    decoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "decoder FFN hidden width"})
+    decoder_layers: int = field(default=6, metadata={"help": "decoder blocks"})
+    decoder_attention_heads: int = field(default=4, metadata={"help": "decoder attention heads"})
+    decoder_normalize_before: bool = field(default=True, metadata={"help": "pre-LN decoder blocks"})
+    decoder_learned_pos: bool = field(default=False, metadata={"help": "learned (not sinusoidal) positions"})
+    decoder_dropout: float = field(default=0.1, metadata={"help": "decoder dropout"})
+    decoder_attention_dropout: float = field(default=0.0, metadata={"help": "decoder attention dropout"})
+    decoder_activation_dropout: float = field(default=0.1, metadata={"help": "decoder FFN activation dropout"})
+    decoder_layerdrop: float = field(default=0.0, metadata={"help": "decoder block skip probability"})
+    max_target_positions: int = field(default=2048, metadata={"help": "longest token sequence"})
+    share_decoder_input_output_embed: bool = field(
+        default=True, metadata={"help": "tie the decoder's input embedding and output projection"}
+    )
+
+
+def load_pretrained_backbone(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
+    """Read an ``av_data2vec`` pre-training checkpoint.
+
+    Returns:
+        (the pre-training model config, the student backbone's state dict without prefix).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.w2v_path={path!r} does not exist; point it at a checkpoint of an "
+            "av_data2vec pre-training run (e.g. checkpoints/checkpoint_last.pt)"
+        )
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    model_cfg = (state.get("cfg") or {}).get("model")
+    name = model_cfg.get("_name") if model_cfg is not None else None
+    if name is None or not name.startswith("av_data2vec") or name.startswith("av_data2vec_seq2seq"):
+        raise ValueError(
+            f"model.w2v_path={path!r} holds a {name!r} model; it must be an av_data2vec "
+            "pre-training checkpoint (model._name av_data2vec or av_data2vec_base/large/tiny)"
+        )
+    backbone_state = {
+        key[len(PRETRAINED_BACKBONE_PREFIX):]: value
+        for key, value in state["model"].items()
+        if key.startswith(PRETRAINED_BACKBONE_PREFIX)
+    }
+    if not backbone_state:
+        raise ValueError(f"model.w2v_path={path!r} has no '{PRETRAINED_BACKBONE_PREFIX}*' weights")
+    return model_cfg, backbone_state
+
+
+def adopt_pretrained_shapes(cfg: AVData2VecSeq2SeqConfig, pretrained_cfg: Any) -> None:
+    """Copy the shape fields of the pre-training config into ``cfg`` (in place), logging
+    every value that changes."""
+    for name in BACKBONE_SHAPE_FIELDS:
+        value = pretrained_cfg[name]
+        if getattr(cfg, name) != value:
+            logger.info("model.%s = %s from the pre-trained checkpoint (config said %s)", name, value, getattr(cfg, name))
+            setattr(cfg, name, value)
+
+
+def load_backbone_weights(backbone: AVData2VecBackbone, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Load ``state`` into ``backbone``, with an error naming every mismatch."""
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in set(own) & set(state)
+        if state[key].shape != own[key].shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"the backbone weights in {path} do not fit the encoder: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, wrong shape {wrong_shape[:8]} (first 8 of each); "
+            "was it written by a different version of avplugins?"
+        )
+    backbone.load_state_dict(state)
+
+
+def build_decoder_config(cfg: AVData2VecSeq2SeqConfig) -> TransformerConfig:
+    """fairseq's ``TransformerConfig`` for the decoder, from this model's flat fields."""
+    return TransformerConfig(
+        dropout=cfg.decoder_dropout,
+        attention_dropout=cfg.decoder_attention_dropout,
+        activation_dropout=cfg.decoder_activation_dropout,
+        encoder=EncDecBaseConfig(embed_dim=cfg.encoder_embed_dim),
+        decoder=DecoderConfig(
+            embed_dim=cfg.decoder_embed_dim,
+            ffn_embed_dim=cfg.decoder_ffn_embed_dim,
+            layers=cfg.decoder_layers,
+            attention_heads=cfg.decoder_attention_heads,
+            normalize_before=cfg.decoder_normalize_before,
+            learned_pos=cfg.decoder_learned_pos,
+            layerdrop=cfg.decoder_layerdrop,
+        ),
+        max_target_positions=cfg.max_target_positions,
+        share_decoder_input_output_embed=cfg.share_decoder_input_output_embed,
+    )
+
+
+class AVData2VecEncoder(FairseqEncoder):
+    """The backbone as a fairseq encoder (no masking).
+
+    ``forward(audio, video, padding_mask)`` returns fairseq's encoder-output dict:
+    ``encoder_out`` [(T, B, D)] and ``encoder_padding_mask`` [(B, T)] (empty lists when absent).
+
+    Args:
+        backbone: the (pre-trained) backbone.
+        freeze_finetune_updates: no gradients into the backbone before this update.
+        output_dropout: dropout on the encoder output.
+        modality_scheduler: optional per-utterance modality dropout, in training only and
+            only for batches that carry both streams.
+    """
+
+    def __init__(
+        self,
+        backbone: AVData2VecBackbone,
+        freeze_finetune_updates: int = 0,
+        output_dropout: float = 0.0,
+        modality_scheduler: Optional[ModalityScheduler] = None,
+    ):
+        super().__init__(dictionary=None)
+        self.backbone = backbone
+        self.freeze_finetune_updates = freeze_finetune_updates
+        self.output_dropout = nn.Dropout(output_dropout)
+        self.modality_scheduler = modality_scheduler
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    @property
+    def frozen(self) -> bool:
+        return self.num_updates < self.freeze_finetune_updates
+
+    def forward(
+        self,
+        audio: Optional[torch.Tensor] = None,
+        video: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        **unused,
+    ) -> Dict[str, List[torch.Tensor]]:
+        """audio (B, T, 104) | None, video (B, 1, T, H, W) | None, padding_mask (B, T) bool."""
+        use_audio = use_video = None
+        if self.training and self.modality_scheduler is not None and audio is not None and video is not None:
+            use_audio, use_video = draw_streams(
+                "finetune", self.modality_scheduler, audio.shape[0], self.num_updates, True, True, audio.device
+            )
+        with torch.no_grad() if self.frozen else torch.enable_grad():
+            x = self.backbone(audio, video, padding_mask, use_audio=use_audio, use_video=use_video)["x"]
+        x = self.output_dropout(x).transpose(0, 1)
+        return {
+            "encoder_out": [x],
+            "encoder_padding_mask": [padding_mask] if padding_mask is not None else [],
+            "encoder_embedding": [],
+            "encoder_states": [],
+            "src_tokens": [],
+            "src_lengths": [],
+        }
+
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[torch.Tensor]], new_order: torch.Tensor):
+        """Select / repeat batch rows (beam search): (T, B, D) along B, (B, T) along B."""
+        return {
+            **encoder_out,
+            "encoder_out": [x.index_select(1, new_order) for x in encoder_out["encoder_out"]],
+            "encoder_padding_mask": [m.index_select(0, new_order) for m in encoder_out["encoder_padding_mask"]],
+        }
+
+    def max_positions(self):
+        return None
+
+
+@register_model("av_data2vec_seq2seq", dataclass=AVData2VecSeq2SeqConfig)
+class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
+    @classmethod
+    def build_model(cls, cfg: AVData2VecSeq2SeqConfig, task):
+        backbone_state = None
+        if cfg.w2v_path and cfg.w2v_args is None:
+            pretrained_cfg, backbone_state = load_pretrained_backbone(cfg.w2v_path)
+            with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
+                cfg.w2v_args = pretrained_cfg
+                adopt_pretrained_shapes(cfg, pretrained_cfg)
+        backbone = build_backbone(cfg)
+        if backbone_state is not None:
+            load_backbone_weights(backbone, backbone_state, cfg.w2v_path)
+            logger.info("encoder initialised from %s", cfg.w2v_path)
+        scheduler = None
+        if cfg.finetune_p_av < 1.0:
+            scheduler = ModalityScheduler(cfg.finetune_p_av, cfg.finetune_p_av, cfg.finetune_p_audio, cfg.finetune_p_audio, 0)
+        encoder = AVData2VecEncoder(backbone, cfg.freeze_finetune_updates, cfg.encoder_output_dropout, scheduler)
+        dictionary = task.target_dictionary
+        if dictionary is None:
+            raise ValueError("av_data2vec_seq2seq needs a task with a target dictionary (av_speech_recognition)")
+        embed_tokens = Embedding(len(dictionary), cfg.decoder_embed_dim, dictionary.pad())
+        decoder = TransformerDecoderBase(build_decoder_config(cfg), dictionary, embed_tokens)
+        return cls(encoder, decoder)
+
+    def forward(
+        self,
+        prev_output_tokens: torch.Tensor,
+        audio: Optional[torch.Tensor] = None,
+        video: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        **unused,
+    ):
+        """Teacher-forced decoder output (logits (B, L, V), extra) for the task's net_input."""
+        encoder_out = self.encoder(audio=audio, video=video, padding_mask=padding_mask)
+        return self.decoder(prev_output_tokens, encoder_out=encoder_out)
+
+    def max_positions(self):
+        """No length limit: long clips are never dropped (the decoder's sinusoidal positions
+        extend as needed)."""
+        return None
+
+
+TINY_DECODER = {
+    "decoder_embed_dim": 128,
+    "decoder_ffn_embed_dim": 512,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 4,
+}
+LARGE_DECODER = {
+    "decoder_embed_dim": 1024,
+    "decoder_ffn_embed_dim": 4096,
+    "decoder_layers": 9,
+    "decoder_attention_heads": 8,
+}
+
+register_variant(AVData2VecSeq2SeqModel, "av_data2vec_seq2seq", "base", {})
+register_variant(AVData2VecSeq2SeqModel, "av_data2vec_seq2seq", "large", {**LARGE_BACKBONE, **LARGE_DECODER})
+register_variant(AVData2VecSeq2SeqModel, "av_data2vec_seq2seq", "tiny", {**TINY_BACKBONE, **TINY_DECODER})
