@@ -21,7 +21,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
 demo: setup
-	$(BIN)/python -m examples.demo $(DEMO_ARGS)
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -20,16 +20,12 @@ from collections import Counter
 from multiprocessing import get_all_start_methods, get_context
 
 from preprocess.synth import sparse, speech
-from preprocess.synth.common import VIDEO_FPS
 
 SPLITS = ("train", "valid", "test")
 CORPUS_FILE = "corpus.json"
 # bump when the generator's output changes, so that old corpora are not taken for new ones
 GENERATOR_VERSION = 1
-DEFAULTS = {
-    "speech": dict(min_duration=2.0, max_duration=4.0, image_size=96),
-    "sparse": dict(min_duration=10.0, max_duration=10.0, image_size=128),
-}
+OPTIONS = {"speech": speech.SpeechOptions, "sparse": sparse.SparseOptions}
 
 
 def split_sizes(num_clips, valid_fraction, test_fraction):
@@ -109,7 +105,8 @@ def format_stats(kind, out_dir, stats):
     lines = [f"{kind} corpus in {out_dir}",
              f"{'split':<6} {'clips':>6} {'hours':>8} {'mean s':>7} {'min s':>6} {'max s':>6}"]
     for name, s in [*stats["splits"].items(), ("all", stats["all"])]:
-        lines.append(f"{name:<6} {s['clips']:>6} {s['hours']:>8.4f} {s['mean_s']:>7.2f} {s['min_s']:>6.2f} {s['max_s']:>6.2f}")
+        lines.append(f"{name:<6} {s['clips']:>6} {s['hours']:>8.4f} {s['mean_s']:>7.2f} "
+                     f"{s['min_s']:>6.2f} {s['max_s']:>6.2f}")
     if kind == "speech":
         lines.append(f"words per clip {stats['words_per_clip']:.1f}; {stats['vocabulary_used']} of "
                      f"{stats['vocabulary_size']} vocabulary words used; "
@@ -117,30 +114,35 @@ def format_stats(kind, out_dir, stats):
     else:
         per_clip = stats["events_per_clip"]
         by_type = ", ".join(f"{k} {n}" for k, n in stats["events_by_type"].items())
-        lines.append(f"events per clip {per_clip['mean']:.2f} (min {per_clip['min']}, max {per_clip['max']}); {by_type}")
+        lines.append(f"events per clip {per_clip['mean']:.2f} (min {per_clip['min']}, "
+                     f"max {per_clip['max']}); {by_type}")
     return "\n".join(lines)
 
 
 def write_corpus_files(kind, out_dir, results, vocab_size):
     """Manifests, and transcripts + sentencepiece vocabulary (speech) or events files (sparse).
-    Returns the number of sentencepiece pieces (None for sparse)."""
+    Returns (paths written, relative to `out_dir`; sentencepiece pieces or None)."""
     from avplugins.data.manifest import write_labels, write_manifest
 
+    written = []
     for split in SPLITS:
         rows = [r for r in results if r.split == split]
         write_manifest(os.path.join(out_dir, f"{split}.tsv"), ".", [r.manifest_row() for r in rows])
         if kind == "speech":
             write_labels(os.path.join(out_dir, f"{split}.wrd"), [r.label for r in rows])
+            written += [f"{split}.tsv", f"{split}.wrd"]
         else:
             sparse.write_events(os.path.join(out_dir, f"{split}.events.tsv"), [(r.clip_id, r.events) for r in rows])
+            written += [f"{split}.tsv", f"{split}.events.tsv"]
     if kind != "speech":
-        return None
+        return written, None
     import sentencepiece
 
     from preprocess.build_vocab import build_vocab
 
-    model_path, _ = build_vocab(os.path.join(out_dir, "train.wrd"), out_dir, vocab_size=vocab_size)
-    return sentencepiece.SentencePieceProcessor(model_file=model_path).get_piece_size()
+    model_path, dict_path = build_vocab(os.path.join(out_dir, "train.wrd"), out_dir, vocab_size=vocab_size)
+    written += [os.path.relpath(path, out_dir) for path in (model_path, dict_path)]
+    return written, sentencepiece.SentencePieceProcessor(model_file=model_path).get_piece_size()
 
 
 def corpus_arguments(args):
@@ -168,24 +170,10 @@ def existing_corpus(out_dir, arguments):
         raise ValueError(f"{out_dir} already holds a different corpus ({path}: stored vs requested {differences}); "
                          f"choose another --out, or delete {out_dir} to regenerate it")
     missing = [p for p in stored.get("files", []) if not os.path.isfile(os.path.join(out_dir, p))]
-    return None if missing else stored
-
-
-def _options(args):
-    if args.kind == "speech":
-        return speech.SpeechOptions(args.min_duration, args.max_duration, args.image_size)
-    return sparse.SparseOptions(args.min_duration, args.max_duration, args.image_size)
-
-
-def _corpus_files(kind, results, vocab_size):
-    """Every file the corpus consists of, relative to its folder."""
-    files = [path for r in results for path in (r.video_path, r.audio_path)]
-    files += [f"{split}.tsv" for split in SPLITS]
-    if kind == "speech":
-        files += [f"{split}.wrd" for split in SPLITS] + [f"spm_unigram{vocab_size}.model", "dict.wrd.txt"]
-    else:
-        files += [f"{split}.events.tsv" for split in SPLITS]
-    return files
+    if missing:
+        print(f"{path} lists {len(missing)} missing files (e.g. {missing[0]}): generating the corpus again")
+        return None
+    return stored
 
 
 def make_corpus(args):
@@ -200,10 +188,12 @@ def make_corpus(args):
     started = time.monotonic()
     plan = clip_plan(args.num_clips, args.valid_fraction, args.test_fraction)
     workers = max(1, min(args.workers, len(plan)))
-    results = generate_clips(args.kind, args.out, args.seed, _options(args), plan, workers)
-    num_pieces = write_corpus_files(args.kind, args.out, results, args.vocab_size)
+    options = OPTIONS[args.kind](args.min_duration, args.max_duration, args.image_size)
+    results = generate_clips(args.kind, args.out, args.seed, options, plan, workers)
+    corpus_files, num_pieces = write_corpus_files(args.kind, args.out, results, args.vocab_size)
     stats = corpus_stats(args.kind, results, num_pieces)
-    record = dict(arguments=arguments, stats=stats, files=_corpus_files(args.kind, results, args.vocab_size))
+    media_files = [path for r in results for path in (r.video_path, r.audio_path)]
+    record = dict(arguments=arguments, stats=stats, files=media_files + corpus_files)
     temporary = os.path.join(args.out, CORPUS_FILE + ".tmp")
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
@@ -217,6 +207,11 @@ def _default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _per_kind_default(field):
+    """"(speech X, sparse Y)": the option's default for each kind, for --help."""
+    return "(" + ", ".join(f"{kind} {getattr(options, field):g}" for kind, options in OPTIONS.items()) + ")"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="avplugins-synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,26 +219,29 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="corpus folder (created)")
     parser.add_argument("--num-clips", type=int, required=True, help="clips over all splits")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    parser.add_argument("--min-duration", type=float, help="shortest clip in seconds (speech 2, sparse 10)")
-    parser.add_argument("--max-duration", type=float, help="longest clip in seconds (speech 4, sparse 10)")
-    parser.add_argument("--image-size", type=int, help="frame height and width in pixels (speech 96, sparse 128)")
+    parser.add_argument("--min-duration", type=float,
+                        help=f"shortest clip in seconds {_per_kind_default('min_duration_s')}")
+    parser.add_argument("--max-duration", type=float,
+                        help=f"longest clip in seconds {_per_kind_default('max_duration_s')}")
+    parser.add_argument("--image-size", type=int,
+                        help=f"frame height and width in pixels {_per_kind_default('image_size')}")
     parser.add_argument("--workers", type=int, default=_default_workers(), help="processes (default: CPU count)")
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of clips in valid (default 0.1)")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of clips in test (default 0.1)")
     parser.add_argument("--vocab-size", type=int, default=1000,
                         help="sentencepiece pieces (speech; default 1000, fewer on a small corpus)")
     args = parser.parse_args(argv)
-    for name, value in DEFAULTS[args.kind].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    defaults = OPTIONS[args.kind]()
+    args.min_duration = defaults.min_duration_s if args.min_duration is None else args.min_duration
+    args.max_duration = defaults.max_duration_s if args.max_duration is None else args.max_duration
+    args.image_size = defaults.image_size if args.image_size is None else args.image_size
     problems = []
     if args.num_clips < 1:
         problems.append(f"--num-clips must be >= 1, got {args.num_clips}")
     if not 0 < args.min_duration <= args.max_duration:
         problems.append(f"need 0 < --min-duration <= --max-duration, got {args.min_duration} and {args.max_duration}")
-    shortest_sparse_s = sum(sparse.EVENT_MARGIN_S) + 1 / VIDEO_FPS
-    if args.kind == "sparse" and args.min_duration < shortest_sparse_s:
-        problems.append(f"sparse clips need --min-duration >= {shortest_sparse_s:.2f} s to hold an event")
+    if args.kind == "sparse" and args.min_duration < sparse.MIN_CLIP_S:
+        problems.append(f"sparse clips need --min-duration >= {sparse.MIN_CLIP_S:.2f} s to hold an event")
     if args.image_size < 16 or args.image_size % 2:
         problems.append(f"--image-size must be even and >= 16 (H.264 needs even sizes), got {args.image_size}")
     for name in ("valid_fraction", "test_fraction"):

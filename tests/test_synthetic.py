@@ -145,7 +145,8 @@ def test_visemes_of_espeak_phonemes():
     shape = visemes.viseme_trajectory(segments, np.arange(0.0, segments[-1].end_s, 0.005))
     opening = shape[:, visemes.PARAMETERS.index("opening")]
     # b-o-b: closed, open, closed again
-    assert opening.max() > 0.4 and opening[: np.argmax(opening)].min() < 0.05 and opening[np.argmax(opening):].min() < 0.05
+    peak = np.argmax(opening)
+    assert opening[peak] > 0.4 and opening[:peak].min() < 0.05 and opening[peak:].min() < 0.05
 
 
 @pytest.mark.parametrize("kind", ["speech", "sparse"])
@@ -217,6 +218,16 @@ def test_flash_is_seen_and_heard_at_its_event_time(corpora):
         for time_s in (seen_s, heard_s, heard_in_mp4_s):
             assert abs(time_s - event_s) <= 0.04, (clip_id, event_s, seen_s, heard_s, heard_in_mp4_s)
         assert abs(seen_s - heard_s) <= 0.04
+
+
+def test_events_file_round_trip_and_errors(tmp_path):
+    path = str(tmp_path / "train.events.tsv")
+    sparse.write_events(path, [("a", (("ball", 1.0), ("door", 2.04))), ("b", ()), ("c", (("flash", 0.8),))])
+    assert sparse.read_events(path) == {"a": [("ball", 1.0), ("door", 2.04)], "c": [("flash", 0.8)]}
+    with open(path, "a") as f:
+        f.write("d\tbang\t1.0\n")
+    with pytest.raises(ValueError, match=r"train.events.tsv:4: expected .*found 'd\\tbang\\t1.0'"):
+        sparse.read_events(path)
 
 
 def test_sparse_events_are_apart_and_inside_the_clip(corpora):

@@ -7,6 +7,7 @@ import numpy as np
 VIDEO_FPS = 25
 AUDIO_SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640: audio and video end together
+_EDGE_PX = 0.7  # width of the soft edge of drawn shapes
 
 
 def clip_rng(seed, clip_index):
@@ -18,6 +19,12 @@ def clip_rng(seed, clip_index):
 def frames_for_duration(duration_s):
     """Whole video frames (at 25 fps) closest to `duration_s` seconds, at least one."""
     return max(1, int(round(duration_s * VIDEO_FPS)))
+
+
+def soft_inside(signed_distance):
+    """Anti-aliased coverage in [0, 1] of a shape from the signed distance (pixels, negative
+    inside) of each pixel to its outline."""
+    return np.clip(0.5 - signed_distance / (2 * _EDGE_PX), 0.0, 1.0)
 
 
 def smooth_noise(rng, num_steps, rate_hz, max_frequency_hz, channels=1):

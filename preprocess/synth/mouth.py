@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from preprocess.synth.common import smooth_noise
+from preprocess.synth.common import VIDEO_FPS, smooth_noise, soft_inside
 
-_EDGE_PX = 0.7
 
 
 @dataclass(frozen=True)
@@ -67,19 +66,15 @@ def sample_head_motion(rng, num_frames, fps):
     return smooth_noise(rng, num_frames, fps, max_frequency_hz=1.0, channels=4) * amplitudes
 
 
-def _soft_inside(signed_distance):
-    """Coverage in [0, 1] of a region from a signed distance in pixels (negative inside)."""
-    return np.clip(0.5 - signed_distance / (2 * _EDGE_PX), 0.0, 1.0)
-
 
 def _lens(u, v, half_width, upper, lower, exponent):
     """Coverage of the region between v = -upper * p(u) and v = lower * p(u), |u| < half_width,
     with p(u) = (1 - (u/half_width)^2) ** exponent; arrays broadcast as (T, H, W) with (T, 1, 1)
     shape parameters."""
     profile = np.clip(1.0 - (u / half_width) ** 2, 0.0, None) ** exponent
-    inside_top = _soft_inside(-upper * profile - v)
-    inside_bottom = _soft_inside(v - lower * profile)
-    inside_sides = _soft_inside(np.abs(u) - half_width)
+    inside_top = soft_inside(-upper * profile - v)
+    inside_bottom = soft_inside(v - lower * profile)
+    inside_sides = soft_inside(np.abs(u) - half_width)
     return inside_top * inside_bottom * inside_sides
 
 
@@ -97,7 +92,8 @@ def _mouth_coordinates(image_size, appearance, motion):
 
 
 def _skin(u, v, image_size, appearance, brightness):
-    """Skin gray levels (T, H, W): texture, a lighting gradient, a darker chin shadow, nostrils."""
+    """Skin gray levels (T, H, W): texture, a lighting gradient, a darker chin shadow, nostrils;
+    `brightness` (T, 1, 1) is the lighting flicker."""
     level = np.full(u.shape, appearance.skin, dtype=np.float32)
     for ku, kv, phase, amplitude in appearance.texture:
         level += amplitude * np.sin(ku * u + kv * v + phase)
@@ -108,8 +104,61 @@ def _skin(u, v, image_size, appearance, brightness):
         for side in (-1.0, 1.0):
             du, dv = u - side * 0.11 * image_size, v + 0.4 * image_size
             distance = np.sqrt((du / 1.6) ** 2 + dv**2) - 0.035 * image_size
-            level -= 0.3 * appearance.skin * _soft_inside(distance * 0.7)
-    return level * brightness[:, None, None]
+            level -= 0.3 * appearance.skin * soft_inside(distance * 0.7)
+    return level * brightness
+
+
+@dataclass(frozen=True)
+class _MouthGeometry:
+    """Pixel sizes of the mouth per frame, each (T, 1, 1) to broadcast over (T, H, W)."""
+
+    half_width: np.ndarray  # of the lips
+    thickness: np.ndarray  # of the upper lip
+    lower_thickness: np.ndarray
+    inner_upper: np.ndarray  # opening above / below the lip line
+    inner_lower: np.ndarray
+    inner_half_width: np.ndarray
+    outer_exponent: np.ndarray  # lip curve shapes (see the module docstring)
+    inner_exponent: np.ndarray
+    teeth_height: np.ndarray
+    tongue_top: np.ndarray  # the tongue fills the opening below this
+
+
+def _mouth_geometry(shape, appearance, image_size):
+    """`_MouthGeometry` from mouth parameters (T, 5) (`visemes.PARAMETERS`)."""
+    opening, width, rounding, teeth, tongue = (shape[:, i].astype(np.float32)[:, None, None] for i in range(5))
+    size = float(image_size)
+    half_width = size * appearance.mouth_width * (0.8 + 0.35 * width - 0.3 * rounding)
+    thickness = size * appearance.lip_thickness * (1.0 + 0.35 * rounding)  # pursed lips bulge
+    inner_lower = size * appearance.opening_range * 0.6 * opening  # the jaw moves the lower lip more
+    return _MouthGeometry(
+        half_width=half_width,
+        thickness=thickness,
+        # the lower lip tucks under the upper teeth for f, v: thinner when teeth show, mouth nearly shut
+        lower_thickness=1.2 * thickness * (1.0 - 0.35 * teeth * (1.0 - opening)),
+        inner_upper=size * appearance.opening_range * 0.4 * opening,
+        inner_lower=inner_lower,
+        inner_half_width=half_width * (0.88 - 0.3 * rounding),
+        outer_exponent=0.75 - 0.2 * rounding,  # pursed lips have rounder corners
+        inner_exponent=0.55 + 0.6 * rounding,  # and leave an oval opening
+        teeth_height=size * 0.05 * teeth,
+        tongue_top=inner_lower * (1.0 - 0.9 * tongue),
+    )
+
+
+def _mouth_inside(u, v, mouth, appearance, image_size):
+    """Gray levels (T, H, W) seen through the opening: dark cavity, teeth, tongue."""
+    depth = np.clip(1.0 - (u / mouth.inner_half_width) ** 2 - (v / (mouth.inner_lower + 1.0)) ** 2, 0.0, 1.0)
+    inside = appearance.cavity * (1.0 - 0.5 * depth)
+    upper_teeth = soft_inside(v + mouth.inner_upper - mouth.teeth_height)
+    lower_teeth = soft_inside(mouth.inner_lower - 0.6 * mouth.teeth_height - v)
+    gaps = 1.0 - 0.12 * np.cos(u * 2 * np.pi / (0.06 * image_size)) ** 8  # between the teeth
+    teeth_level = min(appearance.skin * appearance.teeth_brightness, 250.0) * gaps
+    inside += np.maximum(upper_teeth, lower_teeth) * (teeth_level - inside)
+    tongue = soft_inside(mouth.tongue_top - v) * soft_inside(np.abs(u) - 0.6 * mouth.inner_half_width)
+    tongue_level = (appearance.skin - 0.6 * appearance.lip_contrast) * 0.75
+    inside += tongue * (tongue_level - inside)
+    return inside
 
 
 def render_mouth(shape, appearance, motion, image_size, rng):
@@ -119,43 +168,20 @@ def render_mouth(shape, appearance, motion, image_size, rng):
     `sample_head_motion`; rng draws the sensor noise and lighting flicker.
     """
     num_frames = shape.shape[0]
-    opening, width, rounding, teeth, tongue = (shape[:, i].astype(np.float32)[:, None, None] for i in range(5))
     u, v = _mouth_coordinates(image_size, appearance, motion)
-    brightness = 1.0 + 0.03 * smooth_noise(rng, num_frames, 25.0, max_frequency_hz=2.0)[:, 0]
+    brightness = (1.0 + 0.03 * smooth_noise(rng, num_frames, VIDEO_FPS, max_frequency_hz=2.0)[:, 0])[:, None, None]
     image = _skin(u, v, image_size, appearance, brightness)
+    mouth = _mouth_geometry(shape, appearance, image_size)
 
-    size = float(image_size)
-    half_width = size * appearance.mouth_width * (0.8 + 0.35 * width - 0.3 * rounding)
-    thickness = size * appearance.lip_thickness * (1.0 + 0.35 * rounding)
-    inner_upper = size * appearance.opening_range * 0.4 * opening
-    inner_lower = size * appearance.opening_range * 0.6 * opening
-    # the lower lip tucks under the upper teeth for f/v: thinner when teeth show with little opening
-    lower_thickness = 1.2 * thickness * (1.0 - 0.35 * teeth * (1.0 - opening))
-    bow = 0.25 * thickness * np.exp(-((u / (0.15 * half_width)) ** 2))  # cupid's bow dip
-    outer_exponent = 0.75 - 0.2 * rounding  # pursed lips have rounder corners
-    lips = _lens(u, v + bow, half_width, inner_upper + thickness, inner_lower + lower_thickness, outer_exponent)
-    lip_level = (appearance.skin - appearance.lip_contrast) * brightness[:, None, None]
+    bow = 0.25 * mouth.thickness * np.exp(-((u / (0.15 * mouth.half_width)) ** 2))  # cupid's bow
+    lips = _lens(u, v + bow, mouth.half_width, mouth.inner_upper + mouth.thickness,
+                 mouth.inner_lower + mouth.lower_thickness, mouth.outer_exponent)
     lip_shading = 1.0 - 0.12 * (v < 0)  # the upper lip faces down, away from the light
-    image += lips * (lip_level * lip_shading - image)
-
-    inner_half_width = half_width * (0.88 - 0.3 * rounding)
-    inner_exponent = 0.55 + 0.6 * rounding  # rounded lips leave an oval opening
-    seam = _lens(u, v, inner_half_width, 0.6, 0.6, inner_exponent)  # lips meet in a dark line
+    image += lips * ((appearance.skin - appearance.lip_contrast) * brightness * lip_shading - image)
+    seam = _lens(u, v, mouth.inner_half_width, 0.6, 0.6, mouth.inner_exponent)  # where the lips meet
     image += seam * 0.5 * (appearance.cavity - image)
-    cavity = _lens(u, v, inner_half_width, inner_upper, inner_lower, inner_exponent)
-    depth = np.clip(1.0 - (u / inner_half_width) ** 2 - (v / (inner_lower + 1.0)) ** 2, 0.0, 1.0)
-    mouth_inside = appearance.cavity * (1.0 - 0.5 * depth)
-    teeth_height = size * 0.05 * teeth
-    upper_teeth = _soft_inside(v + inner_upper - teeth_height)
-    lower_teeth = _soft_inside(inner_lower - 0.6 * teeth_height - v)
-    gaps = 1.0 - 0.12 * np.cos(u * 2 * np.pi / (0.06 * size)) ** 8  # gaps between teeth
-    teeth_level = min(appearance.skin * appearance.teeth_brightness, 250.0) * gaps * np.maximum(upper_teeth, lower_teeth)
-    mouth_inside = mouth_inside + np.maximum(upper_teeth, lower_teeth) * (teeth_level - mouth_inside)
-    tongue_top = inner_lower * (1.0 - 0.9 * tongue)
-    tongue_region = _soft_inside(tongue_top - v) * _soft_inside(np.abs(u) - 0.6 * inner_half_width)
-    tongue_level = (appearance.skin - 0.6 * appearance.lip_contrast) * 0.75
-    mouth_inside = mouth_inside + tongue * tongue_region * (tongue_level - mouth_inside)
-    image += cavity * (mouth_inside * brightness[:, None, None] - image)
+    opening = _lens(u, v, mouth.inner_half_width, mouth.inner_upper, mouth.inner_lower, mouth.inner_exponent)
+    image += opening * (_mouth_inside(u, v, mouth, appearance, image_size) * brightness - image)
 
-    image += rng.normal(0.0, appearance.pixel_noise, image.shape).astype(np.float32)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(appearance.pixel_noise)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -22,6 +22,7 @@ from preprocess.synth.common import (
     noise_for_snr,
     pink_noise,
     smooth_noise,
+    soft_inside,
     write_clip_media,
 )
 
@@ -30,7 +31,7 @@ MAX_EVENTS = 4
 MIN_EVENT_GAP_S = 1.0
 # events keep clear of the clip's edges: a fall or a swing is seen before its sound
 EVENT_MARGIN_S = (0.8, 0.4)
-_EDGE_PX = 0.7
+MIN_CLIP_S = sum(EVENT_MARGIN_S) + 1 / VIDEO_FPS
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def sample_event_frames(rng, num_frames):
     gap = int(round(MIN_EVENT_GAP_S * VIDEO_FPS))
     if last < first:
         raise ValueError(f"clips of {num_frames / VIDEO_FPS:.2f} s are too short for an event: "
-                         f"use --min-duration >= {sum(EVENT_MARGIN_S) + 0.1:.1f}")
+                         f"use --min-duration >= {MIN_CLIP_S:.2f}")
     num_events = min(int(rng.integers(1, MAX_EVENTS + 1)), (last - first) // gap + 1)
     slack = last - first - (num_events - 1) * gap
     offsets = np.sort(rng.integers(0, slack + 1, num_events))
@@ -110,10 +111,6 @@ def ball_contacts_s(event):
 
 # ----------------------------------------------------------------------------- pictures
 
-
-def _soft_inside(signed_distance):
-    """Coverage in [0, 1] from a signed distance in pixels (negative inside)."""
-    return np.clip(0.5 - signed_distance / (2 * _EDGE_PX), 0.0, 1.0)
 
 
 def _covered_box(coverage):
@@ -146,7 +143,7 @@ def sample_scene(rng, image_size):
     wall_top, wall_bottom, floor = rng.uniform(40, 220, (3, 3)).astype(np.float32)
     blend = (y / ground_y)[..., None]
     image = wall_top * (1 - blend) + wall_bottom * blend
-    _paint(image, _soft_inside(ground_y - y), floor)
+    _paint(image, soft_inside(ground_y - y), floor)
     for _ in range(6):
         wavelength = rng.uniform(0.05, 0.5) * image_size
         angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
@@ -156,7 +153,7 @@ def sample_scene(rng, image_size):
         centre = rng.uniform(0.1, 0.9, 2) * (image_size, ground_y)
         half = rng.uniform(0.04, 0.12, 2) * image_size
         distance = np.maximum(np.abs(x - centre[0]) - half[0], np.abs(y - centre[1]) - half[1])
-        _paint(image, _soft_inside(distance), rng.uniform(30, 230, 3))
+        _paint(image, soft_inside(distance), rng.uniform(30, 230, 3))
     return Scene(image, ground_y)
 
 
@@ -203,7 +200,7 @@ def _draw_ball(frames, event, scene, times_s):
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     centre_x = event.x * size
     shadow_shape = np.sqrt(((x - centre_x) / (radius * 1.2)) ** 2 + ((y - scene.ground_y) / (radius * 0.3)) ** 2)
-    shadow = _soft_inside((shadow_shape - 1.0) * radius)
+    shadow = soft_inside((shadow_shape - 1.0) * radius)
 
     def paint(images, state):
         height, squashed = state
@@ -211,7 +208,7 @@ def _draw_ball(frames, event, scene, times_s):
         centre_y = scene.ground_y - height - half_height
         _paint(images, 0.35 * np.exp(-height / (4 * radius)) * shadow, (0.0, 0.0, 0.0))
         distance = np.sqrt(((x - centre_x) / radius) ** 2 + ((y - centre_y) / half_height) ** 2)
-        _paint(images, _soft_inside((distance - 1.0) * half_height), event.colour)
+        _paint(images, soft_inside((distance - 1.0) * half_height), event.colour)
 
     _paint_by_state(frames, states, paint)
 
@@ -241,14 +238,14 @@ def _draw_door(frames, event, scene, times_s):
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     width = event.size * size
     left, top = event.x * (size - width), scene.ground_y - 0.6 * width
-    box = _soft_inside(np.maximum(np.maximum(left - x, x - left - width), np.maximum(top - y, y - scene.ground_y)))
+    box = soft_inside(np.maximum(np.maximum(left - x, x - left - width), np.maximum(top - y, y - scene.ground_y)))
     thickness = max(2.0, 0.06 * width)
 
     def paint(images, angle):
         _paint(images, box, event.colour)
         along = (x - left) * np.cos(angle) - (y - top) * np.sin(angle)
         across = (x - left) * np.sin(angle) + (y - top) * np.cos(angle) + thickness / 2
-        lid = _soft_inside(np.maximum(np.maximum(-along, along - width), np.abs(across) - thickness / 2))
+        lid = soft_inside(np.maximum(np.maximum(-along, along - width), np.abs(across) - thickness / 2))
         _paint(images, lid, np.asarray(event.colour) * 0.7)
 
     _paint_by_state(frames, [float(a) for a in _lid_angle(event, times_s)], paint)
@@ -274,6 +271,7 @@ def render_video(rng, scene, events, num_frames):
 
 
 def _decay(num_samples, time_constant_s):
+    """Exponential envelope (num_samples,) falling by e every `time_constant_s` seconds."""
     return np.exp(-np.arange(num_samples) / (time_constant_s * AUDIO_SAMPLE_RATE))
 
 
@@ -315,7 +313,7 @@ def _add_at(track, sound, time_s):
 
 def render_audio(rng, events, num_samples):
     """float32 (num_samples,): the events' sounds plus uncorrelated background (pink noise at
-    15-30 dB below the events, mains hum, quiet clicks at random times)."""
+    15-30 dB below 0.3 RMS, about the events' level; mains hum; quiet clicks at random times)."""
     track = np.zeros(num_samples)
     for event in events:
         loudness = rng.uniform(0.35, 0.7)
@@ -374,14 +372,27 @@ def write_events(path, clip_events):
             f.writelines(f"{clip_id}\t{kind}\t{time_s:.3f}\n" for kind, time_s in events)
 
 
+def _parse_event(line):
+    """(clip id, event type, seconds) of one events line, or None when it is malformed."""
+    fields = line.rstrip("\n").split("\t")
+    if len(fields) != 3 or fields[1] not in EVENT_TYPES:
+        return None
+    try:
+        return fields[0], fields[1], float(fields[2])
+    except ValueError:
+        return None
+
+
 def read_events(path):
     """{clip id: [(event type, time in seconds), ...]} from a `{split}.events.tsv`."""
     events = {}
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 3 or fields[1] not in EVENT_TYPES:
-                raise ValueError(f"{path}:{line_number}: expected `id <TAB> {'|'.join(EVENT_TYPES)} <TAB> seconds`, "
-                                 f"found {line.rstrip()!r}. Regenerate the corpus with avplugins-synth sparse")
-            events.setdefault(fields[0], []).append((fields[1], float(fields[2])))
+            parsed = _parse_event(line)
+            if parsed is None:
+                expected = f"id <TAB> {'|'.join(EVENT_TYPES)} <TAB> seconds"
+                raise ValueError(f"{path}:{line_number}: expected `{expected}`, found {line.rstrip()!r}. "
+                                 "Regenerate the corpus with avplugins-synth sparse")
+            clip_id, kind, time_s = parsed
+            events.setdefault(clip_id, []).append((kind, time_s))
     return events

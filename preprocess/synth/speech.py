@@ -81,11 +81,16 @@ def speak(words, voice):
 
 def fit_words(rng, voice, max_speech_s):
     """(words, utterance): the longest prefix of a random word sequence whose speech lasts at
-    most `max_speech_s` seconds, and at least one word."""
-    max_words = int(np.ceil(max_speech_s * 5)) + 1  # eSpeak speaks under 4 words/s at 190 wpm
+    most `max_speech_s` seconds, but at least one word (which may last longer)."""
+    max_words = max(1, int(np.ceil(max_speech_s * 5)) + 1)  # more than fit: eSpeak says < 4 words/s at 190 wpm
     candidates = [VOCABULARY[i] for i in rng.integers(len(VOCABULARY), size=max_words)]
-    count = max(1, min(max_words, int(max_speech_s * voice.rate_wpm / 60 * 0.8)))
+    count = max(1, min(max_words, int(max_speech_s * voice.rate_wpm / 60)))
     utterance = speak(candidates[:count], voice)
+    for _ in range(3):  # jump close to the answer: speech lasts about in proportion to the words
+        guess = max(1, min(max_words, int(count * max_speech_s / max(utterance.duration_s, 1e-3))))
+        if guess == count:
+            break
+        count, utterance = guess, speak(candidates[:guess], voice)
     while count > 1 and utterance.duration_s > max_speech_s:
         count -= 1
         utterance = speak(candidates[:count], voice)
@@ -147,7 +152,7 @@ def make_speech_clip(rng, options, words=None):
 
     offset_s = offset_samples / AUDIO_SAMPLE_RATE
     segments = visemes.phonemes_to_segments(utterance.phonemes, offset_s)
-    frame_times_s = (np.arange(num_frames) + 0.5) / VIDEO_FPS
+    frame_times_s = np.arange(num_frames) / VIDEO_FPS  # frame k shows time k / 25, like audio sample 640 k
     shape = visemes.viseme_trajectory(segments, frame_times_s, strength=rng.uniform(0.8, 1.15))
     appearance = mouth.sample_appearance(rng, options.image_size)
     motion = mouth.sample_head_motion(rng, num_frames, VIDEO_FPS)

@@ -22,6 +22,8 @@ EE_OK = 0
 
 
 class _EventId(ctypes.Union):
+    """The `id` union of `espeak_EVENT`; phoneme events fill `string` with the mnemonic."""
+
     _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
 
 
