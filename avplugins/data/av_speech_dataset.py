@@ -144,6 +144,17 @@ class AVSpeechDataset(FairseqDataset):
             return order[np.argsort(self.sizes[order], kind="stable")[::-1]]
         return np.argsort(self.sizes, kind="stable")[::-1]
 
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """fairseq's batching, plus the utterances it leaves out: with
+        ``required_batch_size_multiple`` > 1 fairseq drops the last partial batch, which would
+        silently shrink test sets in ``fairseq-generate`` (whose default multiple is 8)."""
+        batches = super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple)
+        batched = set(np.concatenate(batches).tolist()) if len(batches) else set()
+        leftover = [index for index in indices if index not in batched]
+        if leftover:
+            batches = list(batches) + [np.asarray(leftover, dtype=np.int64)]
+        return batches
+
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index) if self.train else (self.seed, index))
 

@@ -626,7 +626,9 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, video_codec=No
         video_stream.pix_fmt = "yuv420p"
         video_stream.codec_context.gop_size = max(1, round(keyframe_interval_s * rate))
         if codec == "libx264":
-            video_stream.options = {"crf": str(crf)}
+            # mbtree's lookahead makes x264's bits vary from run to run; without it equal frames
+            # encode to equal files, which corpus determinism relies on
+            video_stream.options = {"crf": str(crf), "mbtree": "0"}
         else:
             video_stream.codec_context.qscale = 2  # near-lossless fixed quantiser for mpeg4
         audio_stream = None

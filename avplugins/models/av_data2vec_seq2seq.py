@@ -113,14 +113,14 @@ def load_pretrained_backbone(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
     return model_cfg, backbone_state
 
 
-def adopt_pretrained_shapes(cfg: AVData2VecSeq2SeqConfig, pretrained_cfg: Any) -> None:
-    """Copy the shape fields of the pre-training config into ``cfg`` (in place), logging
-    every value that changes."""
-    for name in BACKBONE_SHAPE_FIELDS:
-        value = pretrained_cfg[name]
+def pretrained_shapes(cfg: AVData2VecSeq2SeqConfig, pretrained_cfg: Any) -> Dict[str, Any]:
+    """The shape fields of the pre-training config (which ``cfg`` must adopt), logging every
+    value that differs from ``cfg``'s."""
+    shapes = {name: pretrained_cfg[name] for name in BACKBONE_SHAPE_FIELDS}
+    for name, value in shapes.items():
         if getattr(cfg, name) != value:
             logger.info("model.%s = %s from the pre-trained checkpoint (config said %s)", name, value, getattr(cfg, name))
-            setattr(cfg, name, value)
+    return shapes
 
 
 def load_backbone_weights(backbone: AVData2VecBackbone, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -240,12 +240,13 @@ class AVData2VecEncoder(FairseqEncoder):
 class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
     @classmethod
     def build_model(cls, cfg: AVData2VecSeq2SeqConfig, task):
-        backbone_state = None
+        backbone_state, config_updates = None, {}
         if cfg.w2v_path and cfg.w2v_args is None:
             pretrained_cfg, backbone_state = load_pretrained_backbone(cfg.w2v_path)
+            config_updates = {"w2v_args": pretrained_cfg, **pretrained_shapes(cfg, pretrained_cfg)}
             with open_dict(cfg) if OmegaConf.is_config(cfg) else contextlib.nullcontext():
-                cfg.w2v_args = pretrained_cfg
-                adopt_pretrained_shapes(cfg, pretrained_cfg)
+                for name, value in config_updates.items():
+                    setattr(cfg, name, value)
         backbone = build_backbone(cfg)
         if backbone_state is not None:
             load_backbone_weights(backbone, backbone_state, cfg.w2v_path)
@@ -259,7 +260,10 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
             raise ValueError("av_data2vec_seq2seq needs a task with a target dictionary (av_speech_recognition)")
         embed_tokens = Embedding(len(dictionary), cfg.decoder_embed_dim, dictionary.pad())
         decoder = TransformerDecoderBase(build_decoder_config(cfg), dictionary, embed_tokens)
-        return cls(encoder, decoder)
+        model = cls(encoder, decoder)
+        # what the task writes back into the saved config (see AVSpeechRecognitionTask.build_model)
+        model.config_updates = config_updates
+        return model
 
     def forward(
         self,

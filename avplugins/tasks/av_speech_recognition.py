@@ -17,6 +17,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
+from omegaconf import open_dict
 
 from avplugins.data.av_speech_dataset import AVSpeechDataset, NoiseConfig, parse_modalities
 from avplugins.data.manifest import read_labels, read_manifest
@@ -165,6 +166,19 @@ class AVSpeechRecognitionTask(AVSpeechTaskBase):
             noise=self.noise_for(split),
             **self.dataset_options(),
         )
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        """fairseq's ``build_model``, then the config values the model settled at build time
+        (e.g. ``w2v_args`` and the shapes read from a pre-training checkpoint) are written
+        back into ``cfg``: fairseq builds the model from a merged copy, and the checkpoint
+        saves ``cfg``, which must describe the model without the pre-training file."""
+        model = super().build_model(cfg, from_checkpoint)
+        updates = getattr(model, "config_updates", {})
+        if updates:
+            with open_dict(cfg):
+                for name, value in updates.items():
+                    cfg[name] = value
+        return model
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
         return super().build_generator(

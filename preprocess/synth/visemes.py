@@ -131,8 +131,8 @@ def viseme_trajectory(segments, frame_times_s, lead_s=0.04, spread_s=0.05, conta
     `strength` scales the opening (a speaker's articulation effort).
     """
     frame_times_s = np.asarray(frame_times_s, dtype=np.float64)
-    if not segments:
-        segments = [Segment("rest", float(frame_times_s.min(initial=0.0)), float(frame_times_s.max(initial=0.0)))]
+    if not segments:  # silence
+        return np.tile(np.array(_VISEMES["rest"][0]), (len(frame_times_s), 1))
     first, last = segments[0].start_s, segments[-1].end_s
     segments = [Segment("rest", first - 1e3, first), *segments, Segment("rest", last, last + 1e3)]
     distance = _distance_to_spans(segments, frame_times_s, lead_s)  # (T, S)
