@@ -63,7 +63,7 @@ def save_pretraining_checkpoint(model: AVData2VecModel, path) -> None:
     """A checkpoint as fairseq's trainer writes it (the parts loading reads)."""
     state = {
         "args": None,
-        "cfg": {"model": OmegaConf.to_container(OmegaConf.structured(model.cfg))},
+        "cfg": {"model": OmegaConf.to_container(OmegaConf.create(model.cfg), enum_to_str=True)},
         "model": model.state_dict(),
         "optimizer_history": [
             {"criterion_name": "AVData2VecRegressionCriterion", "optimizer_name": "Adam",
