@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fairseq import checkpoint_utils, models, tasks
+from fairseq import models, tasks
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import GenerationConfig
 from omegaconf import OmegaConf
@@ -28,6 +28,16 @@ from preprocess.build_vocab import build_vocab
 
 TINY_PRETRAIN = {"_name": "av_data2vec_tiny", "encoder_layerdrop": 0.0}
 WORDS = ["red", "green", "blue", "one", "two", "three", "soon", "again"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads per process are several
+    times slower (oversubscription), and these models are too small to gain from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -59,12 +69,16 @@ def tiny_seq2seq(**overrides) -> AVData2VecSeq2SeqModel:
     return build({"_name": "av_data2vec_seq2seq_tiny", "encoder_layerdrop": 0.0, **overrides}, task)
 
 
-def save_pretraining_checkpoint(model: AVData2VecModel, path) -> None:
-    """A checkpoint as fairseq's trainer writes it (the parts loading reads)."""
+def save_pretraining_checkpoint(model: AVData2VecModel, path, model_name=None, drop_keys=()) -> None:
+    """A checkpoint as fairseq's trainer writes it (the parts loading reads), optionally
+    claiming another model name or missing some weights."""
+    model_cfg = OmegaConf.to_container(OmegaConf.create(model.cfg), enum_to_str=True)
+    model_cfg["_name"] = model_name or model_cfg["_name"]
+    weights = {key: value for key, value in model.state_dict().items() if key not in drop_keys}
     state = {
         "args": None,
-        "cfg": {"model": OmegaConf.to_container(OmegaConf.create(model.cfg), enum_to_str=True)},
-        "model": model.state_dict(),
+        "cfg": {"model": model_cfg},
+        "model": weights,
         "optimizer_history": [
             {"criterion_name": "AVData2VecRegressionCriterion", "optimizer_name": "Adam",
              "lr_scheduler_state": {"best": None}, "num_updates": 7}
@@ -442,14 +456,10 @@ def test_pretraining_checkpoint_errors_are_clear(tmp_path, corpus):
     task = recognition_task(corpus)
     with pytest.raises(FileNotFoundError, match="model.w2v_path=.*does not exist"):
         task.build_model(OmegaConf.create({"_name": "av_data2vec_seq2seq_tiny", "w2v_path": str(tmp_path / "nope.pt")}))
-    pretrained, path = pretrained_tiny(tmp_path)
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    state["cfg"]["model"]["_name"] = "wav2vec2"
-    torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="must be an av_data2vec pre-training checkpoint"):
+    pretrained, _ = pretrained_tiny(tmp_path)
+    save_pretraining_checkpoint(pretrained, tmp_path / "other.pt", model_name="wav2vec2")
+    with pytest.raises(ValueError, match="holds a 'wav2vec2' model; it must be an av_data2vec pre-training"):
         task.build_model(OmegaConf.create({"_name": "av_data2vec_seq2seq_tiny", "w2v_path": str(tmp_path / "other.pt")}))
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    del state["model"]["backbone.mask_embedding.embedding"]
-    torch.save(state, tmp_path / "partial.pt")
+    save_pretraining_checkpoint(pretrained, tmp_path / "partial.pt", drop_keys=["backbone.mask_embedding.embedding"])
     with pytest.raises(ValueError, match=r"do not fit the encoder: missing \['mask_embedding.embedding'\]"):
         task.build_model(OmegaConf.create({"_name": "av_data2vec_seq2seq_tiny", "w2v_path": str(tmp_path / "partial.pt")}))

@@ -334,8 +334,11 @@ def convert_synchformer(
     structured = OmegaConf.create(cfg)
     # built without memory or initialisation (minutes for the paper's 237 M parameters on a CPU):
     # it only checks that the weights fit, then hands them on as its state dict
-    with torch.device("meta"):
-        model = models.build_model(structured.model, tasks.setup_task(structured.task), from_checkpoint=True)
+    try:
+        with torch.device("meta"):
+            model = models.build_model(structured.model, tasks.setup_task(structured.task), from_checkpoint=True)
+    except ValueError as error:  # sizes our model refuses
+        raise ValueError(f"{official_path}: {error}") from None
     # our fairseq models hold the SynchformerNet as ``net``; stage 1's temperature sits beside it
     own_keys = set(model.state_dict())
     weights = {key if key in own_keys else f"net.{key}": value for key, value in official.state_dict.items()}

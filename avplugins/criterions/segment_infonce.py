@@ -5,7 +5,8 @@ positive of a video segment is the audio of the same clip AND the same segment i
 other segment, including other segments of the same clip, is a negative (this is what makes the
 towers learn temporal alignment). The loss is summed over rows and both directions are averaged,
 so ``sample_size = B * S`` and data-parallel gradients equal those of one large batch when
-``gather_negatives`` is on.
+``gather_negatives`` is on. Logged: ``loss`` (nats per row), ``accuracy_v2a`` / ``accuracy_a2v``
+(the positive ranks first among the candidates), ``accuracy`` (their mean) and ``temperature``.
 """
 from dataclasses import dataclass, field
 
@@ -104,6 +105,10 @@ class SegmentInfoNCECriterion(FairseqCriterion):
         metrics.log_scalar("loss", total("loss") / max(num_rows, 1), num_rows, round=4)
         metrics.log_scalar("accuracy_v2a", total("correct_v2a") / max(num_rows, 1), num_rows, round=4)
         metrics.log_scalar("accuracy_a2v", total("correct_a2v") / max(num_rows, 1), num_rows, round=4)
+        # segment retrieval precision@1 of both directions (the official stage 1's early-stop metric)
+        metrics.log_scalar(
+            "accuracy", (total("correct_v2a") + total("correct_a2v")) / max(2 * num_rows, 1), num_rows, round=4
+        )
         metrics.log_scalar("temperature", total("temperature") / max(total("num_workers_logged"), 1), round=4)
 
     @staticmethod

@@ -5,7 +5,7 @@
 - :class:`AVOffsetDataset` (stage 2): a video crop and an audio crop shifted by an offset from a
   grid, cut into S overlapping segments; random offsets in training, fixed ones (a csv written
   once by ``preprocess/sync_offsets.py``) for validation and test. ``synchronizability=True``
-  draws half of the training offsets from the grid and half as +-crop length (no overlap).
+  draws half of the training offsets from the grid and half as +-the segment span (no overlap).
 
 Items are ``{"id", "video" (S, T, 3, H, W) float32 normalised, "audio" (S, 1, 128, 66) float32
 normalised log-mels, "offset_s", "offset_target", "sync_target"}``. Every random choice of an item
@@ -23,7 +23,7 @@ from fairseq.data import FairseqDataset
 from avplugins.data import sync_sampling
 from avplugins.data.features import synchformer_audio_features
 from avplugins.data.manifest import ManifestEntry, read_manifest
-from avplugins.data.media import MediaError, read_audio, read_video
+from avplugins.data.media import MediaError, probe, read_audio, read_video
 from avplugins.data.sync_sampling import SegmentLayout
 from avplugins.data.transforms import synchformer_video_transform
 
@@ -77,8 +77,42 @@ class ClipSamplingConfig:
     seed: int = 1
 
 
-class _AVClipDataset(FairseqDataset):
-    """Manifest access, window decoding, segmentation and collation shared by both stages."""
+@dataclass(frozen=True)
+class ClipWindow:
+    """Where an item's segments come from.
+
+    Attributes:
+        video_start_frame: first frame of the first video segment (frames at ``video_fps``).
+        audio_start_sample: first sample of the first audio segment (samples at ``sample_rate``).
+        offset_s: the offset the item is labelled with (seconds; positive = audio is early).
+        synchronizable: 1 when the offset is on the grid, 0 for the +-span (no overlap) offsets.
+    """
+
+    video_start_frame: int
+    audio_start_sample: int
+    offset_s: float = 0.0
+    synchronizable: int = 1
+
+
+def short_side_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """(H, W) after resizing so that the shorter side has ``short_side`` pixels (aspect kept,
+    the long side rounded to the nearest pixel)."""
+    if height <= width:
+        return short_side, max(1, round(width * short_side / height))
+    return max(1, round(height * short_side / width)), short_side
+
+
+class AVClipDataset(FairseqDataset):
+    """Manifest access, window decoding, segmentation and collation shared by both stages.
+
+    Subclasses choose windows (:meth:`sample_window`) and may change how an item is made from
+    a window (:meth:`load_item`); ``input_keys`` are the item entries collated into
+    ``net_input``.
+    """
+
+    input_keys: Tuple[str, ...] = ("video", "audio")
+    # the official stage 1 cuts segments before flipping / colour-distorting, stage 2 after
+    augment_per_segment = False
 
     def __init__(self, manifest_path: str, config: ClipSamplingConfig, train: bool):
         super().__init__()
@@ -89,6 +123,7 @@ class _AVClipDataset(FairseqDataset):
         _, self.entries = read_manifest(manifest_path)
         self.epoch = 1
         self.num_skipped = 0
+        self._frame_sizes: Dict[str, Tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -114,58 +149,102 @@ class _AVClipDataset(FairseqDataset):
             return np.random.default_rng((self.config.seed, self.epoch)).permutation(len(self))
         return np.arange(len(self))
 
-    def load_segments(
-        self,
-        entry: ManifestEntry,
-        video_start_frame: int,
-        audio_start_sample: int,
-        rng: Optional[np.random.Generator],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Decode the segment span starting at ``video_start_frame`` (video) and
-        ``audio_start_sample`` (audio) and cut it into segments.
+    def decode_size(self, entry: ManifestEntry) -> Optional[Tuple[int, int]]:
+        """(H, W) the decoder scales frames to (``resize_short_side``), None for the stored
+        size. Scaling while decoding (libswscale) costs far less than resizing tensors."""
+        if self.config.resize_short_side is None:
+            return None
+        if entry.video_path not in self._frame_sizes:
+            info = probe(entry.video_path)
+            self._frame_sizes[entry.video_path] = short_side_size(
+                info.height, info.width, self.config.resize_short_side
+            )
+        return self._frame_sizes[entry.video_path]
 
-        Returns:
-            video (S, T, 3, H, W) float32 normalised, audio (S, 1, 128, 66) float32.
+    def decode(
+        self, entry: ManifestEntry, video_start_frame: int, num_frames: int,
+        audio_start_sample: int, num_samples: int,
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """``num_frames`` RGB frames from ``video_start_frame`` (uint8 (T, H, W, 3), scaled to
+        :meth:`decode_size`) and ``num_samples`` audio samples from ``audio_start_sample``
+        (float32 (N,)).
+
+        Raises:
+            MediaError: the files hold fewer frames or samples than the manifest promised.
         """
         layout = self.layout
-        span_samples = layout.span_samples
         frames = read_video(
             entry.video_path,
             start_s=video_start_frame / layout.video_fps,
-            duration_s=layout.span_frames / layout.video_fps,
+            duration_s=num_frames / layout.video_fps,
             fps=layout.video_fps,
+            size=self.decode_size(entry),
         )
         samples = read_audio(
             entry.audio_path,
             start_s=audio_start_sample / layout.sample_rate,
-            duration_s=span_samples / layout.sample_rate,
+            duration_s=num_samples / layout.sample_rate,
             sample_rate=layout.sample_rate,
         )
-        if len(frames) < layout.span_frames or len(samples) < span_samples:
+        if len(frames) < num_frames or len(samples) < num_samples:
             raise MediaError(
                 entry.video_path,
-                f"decoded {len(frames)} frames / {len(samples)} samples where the manifest row "
-                f"(line {entry.line_number}) promised at least {layout.span_frames} / {span_samples}; "
-                "recount the manifest with preprocess/count_frames.py",
+                f"decoded {len(frames)} frames / {len(samples)} samples from frame {video_start_frame} / "
+                f"sample {audio_start_sample} where the manifest row (line {entry.line_number}) promised at "
+                f"least {num_frames} / {num_samples}; recount the manifest with preprocess/count_frames.py",
             )
-        video = synchformer_video_transform(
+        return frames, samples
+
+    def video_transform(self, frames, rng: Optional[np.random.Generator]) -> torch.Tensor:
+        """uint8 (..., T, H, W, 3) -> float32 (..., T, 3, crop, crop): random crop and flip
+        (+ colour) when ``rng`` is given, centre crop otherwise."""
+        return synchformer_video_transform(
             frames,
             crop_size=self.config.crop_size,
             train=rng is not None,
             rng=rng,
             color_augment=self.config.color_augment,
             small_crop_p=self.config.sometimes_upscale_p,
-            short_side=self.config.resize_short_side,
-        )  # (span_frames, 3, H, W)
-        frame_starts = sync_sampling.segment_start_frames(layout, 0)
-        frame_index = torch.as_tensor(frame_starts[:, None] + np.arange(layout.segment_frames))
+        )
+
+    def load_segments(
+        self, entry: ManifestEntry, window: ClipWindow, rng: Optional[np.random.Generator]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode the span of ``window`` and cut it into segments.
+
+        Returns:
+            video (S, T, 3, H, W) float32 normalised, audio (S, 1, 128, 66) float32.
+        """
+        layout = self.layout
+        frames, samples = self.decode(
+            entry, window.video_start_frame, layout.span_frames, window.audio_start_sample, layout.span_samples
+        )
+        frame_index = sync_sampling.segment_start_frames(layout, 0)[:, None] + np.arange(layout.segment_frames)
+        if self.augment_per_segment:
+            video = self.video_transform(frames[frame_index], rng)
+        else:
+            video = self.video_transform(frames, rng)[torch.as_tensor(frame_index)]
         sample_starts = sync_sampling.segment_start_samples(layout, 0)
         sample_index = torch.as_tensor(sample_starts[:, None] + np.arange(layout.segment_samples))
         audio = synchformer_audio_features(torch.from_numpy(samples)[sample_index])
-        return video[frame_index], audio
+        return video, audio
+
+    def sample_window(self, index: int, rng: Optional[np.random.Generator]) -> ClipWindow:
+        raise NotImplementedError
 
     def load_item(self, index: int) -> dict:
-        raise NotImplementedError
+        entry = self.entries[index]
+        rng = self.item_rng(index) if self.train else None
+        window = self.sample_window(index, rng)
+        video, audio = self.load_segments(entry, window, rng)
+        return self.make_item(index, window, video=video, audio=audio)
+
+    def make_item(self, index: int, window: ClipWindow, **inputs: torch.Tensor) -> dict:
+        return {"id": index, **inputs, "offset_s": window.offset_s, "sync_target": window.synchronizable,
+                "offset_target": self.offset_class(window.offset_s)}
+
+    def offset_class(self, offset_s: float) -> int:
+        return 0
 
     def __getitem__(self, index: int) -> Optional[dict]:
         try:
@@ -187,23 +266,21 @@ class _AVClipDataset(FairseqDataset):
             "id": torch.tensor([item["id"] for item in items]),
             "nsentences": len(items),
             "ntokens": len(items),
-            "net_input": {
-                "video": torch.stack([item["video"] for item in items]),
-                "audio": torch.stack([item["audio"] for item in items]),
-            },
+            "net_input": {key: torch.stack([item[key] for item in items]) for key in self.input_keys},
             "target": torch.tensor([item["offset_target"] for item in items]),
             "sync_target": torch.tensor([item["sync_target"] for item in items]),
             "offset_s": torch.tensor([item["offset_s"] for item in items]),
         }
 
 
-class AVSegmentDataset(_AVClipDataset):
+class AVSegmentDataset(AVClipDataset):
     """Stage 1: S non-overlapping aligned segments from one random (training) or centred crop."""
 
-    def load_item(self, index: int) -> dict:
+    augment_per_segment = True
+
+    def sample_window(self, index: int, rng: Optional[np.random.Generator]) -> ClipWindow:
         entry = self.entries[index]
         layout = self.layout
-        rng = self.item_rng(index) if self.train else None
         slack = entry.num_video_frames - layout.span_frames
         if slack < 0:
             raise ValueError(
@@ -216,12 +293,10 @@ class AVSegmentDataset(_AVClipDataset):
             audio_start, layout.span_samples, entry.num_audio_samples, self.config.audio_jitter_s,
             layout.sample_rate, rng,
         )
-        video, audio = self.load_segments(entry, video_start, audio_start, rng)
-        return {"id": index, "video": video, "audio": audio, "offset_s": 0.0,
-                "offset_target": 0, "sync_target": 1}
+        return ClipWindow(video_start, audio_start)
 
 
-class AVOffsetDataset(_AVClipDataset):
+class AVOffsetDataset(AVClipDataset):
     """Stage 2: offset classification over a grid (and synchronizability)."""
 
     def __init__(
@@ -267,10 +342,12 @@ class AVOffsetDataset(_AVClipDataset):
         )
         return offset_s, start, synchronizable
 
-    def load_item(self, index: int) -> dict:
+    def sample_window(self, index: int, rng: Optional[np.random.Generator]) -> ClipWindow:
+        """The fixed offset and crop of a listed clip, or a random grid offset and crop; the
+        segments start inside the crop (random in training, centred otherwise); the audio
+        start follows the offset plus the training jitter."""
         entry = self.entries[index]
         layout = self.layout
-        rng = self.item_rng(index) if self.train else None
         if self.fixed_offsets is not None and entry.id in self.fixed_offsets:
             fixed = self.fixed_offsets[entry.id]
             offset_s = fixed.offset_s
@@ -285,12 +362,7 @@ class AVOffsetDataset(_AVClipDataset):
             audio_start, layout.span_samples, entry.num_audio_samples, self.config.audio_jitter_s,
             layout.sample_rate, rng,
         )
-        video, audio = self.load_segments(entry, video_start, audio_start, rng)
-        return {
-            "id": index,
-            "video": video,
-            "audio": audio,
-            "offset_s": offset_s,
-            "offset_target": sync_sampling.offset_to_class(offset_s, self.grid),
-            "sync_target": synchronizable,
-        }
+        return ClipWindow(video_start, audio_start, offset_s, synchronizable)
+
+    def offset_class(self, offset_s: float) -> int:
+        return sync_sampling.offset_to_class(offset_s, self.grid)

@@ -1,5 +1,6 @@
 """Configuration shared by both Synchformer models: the two feature towers."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Mapping
 
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
@@ -26,6 +27,24 @@ class SynchformerTowersConfig(FairseqDataclass):
     audio_depth: int = field(default=12, metadata={"help": "AST blocks"})
     audio_heads: int = field(default=12, metadata={"help": "AST attention heads"})
     audio_drop_path: float = field(default=0.0, metadata={"help": "AST stochastic depth"})
+
+
+# Fields that shape the towers' weights or what they compute (the number of segments and the
+# stochastic depth do neither), so two configs agreeing on them can share tower weights.
+TOWER_SHAPE_FIELDS = tuple(
+    f.name for f in fields(SynchformerTowersConfig)
+    if f.name not in ("num_segments", "video_drop_path", "audio_drop_path")
+)
+
+
+def tower_config_differences(ours: Any, theirs: Mapping[str, Any]) -> List[str]:
+    """``model.<field>=<ours> (checkpoint: <theirs>)`` for each of :data:`TOWER_SHAPE_FIELDS`
+    that ``theirs`` records with another value (fields it lacks are not compared)."""
+    return [
+        f"model.{name}={getattr(ours, name)} (checkpoint: {theirs[name]})"
+        for name in TOWER_SHAPE_FIELDS
+        if name in theirs and theirs[name] != getattr(ours, name)
+    ]
 
 
 def visual_args(cfg: SynchformerTowersConfig) -> dict:
