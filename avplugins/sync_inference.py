@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import av
 import numpy as np
 import torch
+from fairseq.models import MODEL_REGISTRY
 from tqdm import tqdm
 
 from avplugins.checkpoint import load_checkpoint_state, load_model
@@ -34,6 +35,7 @@ from avplugins.data import media
 from avplugins.data.features import synchformer_audio_features
 from avplugins.data.sync_sampling import SegmentLayout, offset_grid, segment_start_frames, segment_start_samples
 from avplugins.data.transforms import synchformer_video_transform
+from avplugins.models.synchformer import SynchformerModel
 
 OFFSET_CONVENTION = (
     "positive offset: the audio is early (the audio crop starts offset seconds after the video "
@@ -97,10 +99,6 @@ class SyncSettings:
 
 
 def _is_stage2_synchformer(model_name: Optional[str]) -> bool:
-    from fairseq.models import MODEL_REGISTRY
-
-    from avplugins.models.synchformer import SynchformerModel
-
     model_cls = MODEL_REGISTRY.get(model_name)
     return model_cls is not None and issubclass(model_cls, SynchformerModel)
 
@@ -448,7 +446,7 @@ def predict_video(
     vfeats, afeats = segment_features(
         model, source, int(starts[-1]) + layout.num_segments, settings, batch_size, progress
     )
-    logits = window_logits(model, vfeats, afeats, starts, layout.num_segments, batch_size=max(batch_size, 1))
+    logits = window_logits(model, vfeats, afeats, starts, layout.num_segments)
     offset_logits, sync_logits = logits.get("offset_logits"), logits.get("sync_logits")
     return SyncPrediction(
         path=path,
@@ -503,6 +501,18 @@ def plot_prediction(prediction: SyncPrediction, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- corrected copy
+
+
+# FFmpeg's default layout per channel count, for streams that only say "N channels" (e.g. PCM
+# in Matroska), which the AAC encoder refuses.
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def _encodable_layout(layout: av.AudioLayout) -> str:
+    """The layout's name, or the default layout of its channel count when it has none."""
+    if layout.name.endswith(" channels"):
+        return _DEFAULT_LAYOUTS.get(len(layout.channels), layout.name)
+    return layout.name
 
 
 class _ShiftedAudioEncoder:
@@ -608,6 +618,14 @@ def _copy_or_reencode_video(inp, out, video_in, origin_s: Fraction):
     return video_out, mux
 
 
+def _demuxed(inp, video_in, audio_in, source: str):
+    """(packet, its decoded frames for audio / [] for video) in file order; FFmpeg errors while
+    reading name ``source`` (those while writing name the output)."""
+    with media._converted_errors(source):
+        for packet in inp.demux(video_in, audio_in):
+            yield packet, packet.decode() if packet.stream.index == audio_in.index else []
+
+
 def write_shifted_copy(source: str, destination: str, delay_s: float) -> None:
     """Copy ``source`` to ``destination`` with the audio delayed by ``delay_s`` seconds
     (negative: advanced): output audio at time t is input audio at time t - delay_s, silence
@@ -642,17 +660,16 @@ def write_shifted_copy(source: str, destination: str, delay_s: float) -> None:
             with media._converted_errors(destination), out:
                 _, mux_video = _copy_or_reencode_video(inp, out, video_in, origin_s)
                 audio_out = out.add_stream("aac", rate=audio_in.codec_context.sample_rate,
-                                           layout=audio_in.codec_context.layout.name)
+                                           layout=_encodable_layout(audio_in.codec_context.layout))
                 audio = _ShiftedAudioEncoder(out, audio_out, round(delay_s * audio_out.codec_context.sample_rate),
                                              origin_s)
-                with media._converted_errors(source):
-                    for packet in inp.demux(video_in, audio_in):
-                        if packet.stream.index == video_in.index:
-                            mux_video(packet)
-                        else:
-                            audio.note_packet(packet)
-                            for frame in packet.decode():
-                                audio.push(frame)
+                for packet, audio_frames in _demuxed(inp, video_in, audio_in, source):
+                    if packet.stream.index == video_in.index:
+                        mux_video(packet)
+                    else:
+                        audio.note_packet(packet)
+                        for frame in audio_frames:
+                            audio.push(frame)
                 mux_video(None)
                 audio.finish()
         os.replace(temporary, destination)

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 from fairseq import models, tasks
+from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import GenerationConfig
-from omegaconf import OmegaConf
+from fairseq.dataclass.initialize import add_defaults, hydra_init
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import avplugins  # noqa: F401  (registers the plugin)
@@ -27,6 +30,10 @@ from avplugins.models.av_data2vec_seq2seq import AVData2VecSeq2SeqModel
 from preprocess.build_vocab import build_vocab
 
 TINY_PRETRAIN = {"_name": "av_data2vec_tiny", "encoder_layerdrop": 0.0}
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "av_data2vec", "conf")
+RECIPES = [("pretrain", name) for name in ("tiny_synthetic", "base_lrs3_433h", "base_1759h", "large_1759h")] + [
+    ("finetune", name) for name in ("tiny_synthetic", "base_30h", "base_433h", "large_30h", "large_433h")
+]
 WORDS = ["red", "green", "blue", "one", "two", "three", "soon", "again"]
 
 
@@ -463,3 +470,38 @@ def test_pretraining_checkpoint_errors_are_clear(tmp_path, corpus):
     save_pretraining_checkpoint(pretrained, tmp_path / "partial.pt", drop_keys=["backbone.mask_embedding.embedding"])
     with pytest.raises(ValueError, match=r"do not fit the encoder: missing \['mask_embedding.embedding'\]"):
         task.build_model(OmegaConf.create({"_name": "av_data2vec_seq2seq_tiny", "w2v_path": str(tmp_path / "partial.pt")}))
+
+
+# --- recipes --------------------------------------------------------------------------------
+def compose_recipe(group: str, name: str, overrides=()) -> DictConfig:
+    """The config fairseq-hydra-train composes from a recipe (before it merges plugin defaults)."""
+    hydra_init(name)
+    with initialize_config_dir(config_dir=os.path.join(CONF, group), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def missing_keys(cfg: DictConfig, prefix: str = ""):
+    for key in cfg:
+        if OmegaConf.is_missing(cfg, key):
+            yield prefix + key
+        elif isinstance(cfg[key], DictConfig):
+            yield from missing_keys(cfg[key], f"{prefix}{key}.")
+
+
+@pytest.mark.parametrize("group,name", RECIPES)
+def test_recipes_compose_and_require_their_paths(group, name):
+    required = {"task.data"} | ({"model.w2v_path"} if group == "finetune" else set())
+    assert set(missing_keys(compose_recipe(group, name))) == required
+    cfg = compose_recipe(group, name, [f"{key}=/some/path" for key in sorted(required)])
+    add_defaults(cfg)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    model_cfg = models.MODEL_DATACLASS_REGISTRY[resolved.model._name]
+    assert resolved.criterion._name in CRITERION_DATACLASS_REGISTRY
+    assert resolved.task._name == ("av_data2vec_pretraining" if group == "pretrain" else "av_speech_recognition")
+    size = name.split("_")[0]
+    assert resolved.model.encoder_layers == {"tiny": 4, "base": 12, "large": 24}[size] == model_cfg().encoder_layers
+    if group == "finetune":
+        assert resolved.criterion.label_smoothing == 0.1
+        assert resolved.model.decoder_layers == {"tiny": 2, "base": 6, "large": 9}[size]
+    if size == "tiny":
+        assert resolved.common.cpu and resolved.distributed_training.distributed_world_size == 1

@@ -87,7 +87,9 @@ def direct_window_logits(model, frames, samples, window_start_segment):
         synchformer_video_transform(frames[first_frame + 8 * j: first_frame + 8 * j + 16], crop_size=CROP)
         for j in range(NUM_SEGMENTS)
     ])
-    audio = torch.stack([samples[first_sample + 5120 * j: first_sample + 5120 * j + 10240] for j in range(NUM_SEGMENTS)])
+    audio = torch.stack([
+        samples[first_sample + 5120 * j: first_sample + 5120 * j + 10240] for j in range(NUM_SEGMENTS)
+    ])
     with torch.no_grad():
         return model(video=video[None], audio=synchformer_audio_features(audio)[None])
 
@@ -142,7 +144,8 @@ def test_json_report_and_plots_for_several_videos(files, tmp_path, capsys):
     assert first["estimate_s"] == pytest.approx(FAVOURED_OFFSET_S)
     assert first["confidence"] == pytest.approx(mean.max(), abs=1e-5)
     top = first["top3"]
-    assert top[0]["offset_s"] == first["estimate_s"] and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    assert top[0]["offset_s"] == first["estimate_s"]
+    assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
     sync = np.array([w["sync_probability"] for w in first["windows"]])
     assert 0 <= first["sync_probability"] <= 1 and first["sync_probability"] == pytest.approx(sync.mean(), abs=1e-5)
 
@@ -182,22 +185,23 @@ def test_fix_shifts_the_audio_by_the_estimate(files, tmp_path, capsys):
 
 def test_shifted_copy_advances_audio_and_reencodes_foreign_video(files, tmp_path):
     """A negative delay drops the audio's start; a video codec the output container does not
-    take (HuffYUV in mp4) is re-encoded."""
-    source = tmp_path / "huffyuv.mkv"
+    take (raw video in mp4) is re-encoded."""
+    source = tmp_path / "raw.mkv"
     rng = np.random.default_rng(3)
     frames = np.repeat(np.linspace(0, 255, 50, dtype=np.uint8)[:, None, None, None], 3, axis=3)
     frames = np.broadcast_to(frames, (50, HEIGHT, WIDTH, 3))
     samples = (0.3 * rng.standard_normal(50 * 640)).astype(np.float32)
     with av.open(str(source), "w") as container:
-        video = container.add_stream("huffyuv", rate=FPS)
-        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv422p"
+        video = container.add_stream("rawvideo", rate=FPS)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         audio = container.add_stream("pcm_s16le", rate=SAMPLE_RATE, layout="mono")
         for index, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts = index
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
-        chunk = av.AudioFrame.from_ndarray(np.round(samples * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        pcm = np.round(samples * 32767).astype(np.int16)[None]
+        chunk = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         chunk.sample_rate, chunk.pts = SAMPLE_RATE, 0
         container.mux(audio.encode(chunk))
         container.mux(audio.encode(None))
@@ -220,7 +224,8 @@ def test_sync_only_model_reports_synchronizability(files, capsys, tmp_path):
     assert report["grid_s"] == [] and not report["has_offset_head"]
     assert video["estimate_s"] is None and "only a synchronizability head" in video["note"]
     assert 0 <= video["sync_probability"] <= 1 and "probabilities" not in video["windows"][0]
-    status, _, err = run_cli(capsys, "predict", files["video"], "--checkpoint", files["sync_only"], "--fix", tmp_path / "x.mp4")
+    status, _, err = run_cli(capsys, "predict", files["video"], "--checkpoint", files["sync_only"],
+                             "--fix", tmp_path / "x.mp4")
     assert status == 2 and "only a synchronizability head" in err and not (tmp_path / "x.mp4").exists()
 
 

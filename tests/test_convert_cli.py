@@ -48,7 +48,8 @@ def write_official_stage1(fixture, path):
             weights["module.v_encoder." + key[len("vfeat_extractor."):]] = value
         elif key.startswith("afeat_extractor."):
             shape = [widened.get(size, size) for size in value.shape]
-            weights["module.a_encoder." + key[len("afeat_extractor."):]] = 0.02 * torch.randn(shape, generator=generator)
+            value = 0.02 * torch.randn(shape, generator=generator)
+            weights["module.a_encoder." + key[len("afeat_extractor."):]] = value
     weights["module.logit_scale"] = torch.tensor(0.05)
     torch.save({"state_dict": weights, "epoch": 1, "name": "run"}, path)
     return weights
@@ -172,7 +173,8 @@ class CreatesAFileWhenUnpickled:
 def test_malicious_and_foreign_files_are_refused(tmp_path, capsys):
     witness = tmp_path / "pwned.txt"
     evil = tmp_path / "evil.pt"
-    torch.save({"model": {"vfeat_extractor.cls_token": torch.zeros(1)}, "args": CreatesAFileWhenUnpickled(witness)}, evil)
+    payload = {"model": {"vfeat_extractor.cls_token": torch.zeros(1)}, "args": CreatesAFileWhenUnpickled(witness)}
+    torch.save(payload, evil)
     out = tmp_path / "out.pt"
     assert main(["synchformer", str(evil), str(out)]) == 2
     error = capsys.readouterr().err

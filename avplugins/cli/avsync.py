@@ -71,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Estimate the audio-visual offset of whole videos ({OFFSET_CONVENTION}).",
     )
     predict.add_argument("videos", nargs="+", metavar="VIDEO", help="media files with audio and video (any container)")
-    predict.add_argument("--checkpoint", required=True, help="Synchformer stage-2 checkpoint (trained, or from avplugins-convert)")
+    predict.add_argument("--checkpoint", required=True,
+                         help="Synchformer stage-2 checkpoint (trained, or from avplugins-convert)")
     predict.add_argument("--json", metavar="F", help="write the JSON report here instead of stdout")
     predict.add_argument("--plot", metavar="F.png", help="heat map of the offset probability over time")
     predict.add_argument("--fix", metavar="OUT.mp4", help="write a copy with the audio shifted into sync")
     predict.add_argument("--window-stride", type=float, default=None, metavar="SECONDS",
-                         help="seconds between windows, a multiple of the segment stride (default: the segment stride, 0.32 s)")
+                         help="seconds between windows, a multiple of the segment stride "
+                              "(default: the segment stride, 0.32 s)")
     predict.add_argument("--batch-size", type=int, default=16, help="segments per tower call (default 16)")
     predict.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     predict.add_argument("--short-side", type=int, default=None,
@@ -101,9 +103,11 @@ def predict_command(args) -> int:
         _error(str(error))
         return EXIT_ERROR
     if args.fix and not settings.has_offset_head:
-        _error(f"{args.checkpoint}: this model has only a synchronizability head, so it cannot tell the offset --fix needs")
+        _error(f"{args.checkpoint}: this model has only a synchronizability head, so it cannot tell the "
+               "offset --fix needs")
         return EXIT_ERROR
-    report = {**settings.to_json(), "grid_s": list(settings.grid_s), "offset_convention": OFFSET_CONVENTION, "videos": []}
+    report = {**settings.to_json(), "grid_s": list(settings.grid_s), "offset_convention": OFFSET_CONVENTION,
+              "videos": []}
     status = 0
     plots, fixes = output_paths(args.plot, args.videos), output_paths(args.fix, args.videos)
     for video, plot_path, fix_path in zip(args.videos, plots, fixes):

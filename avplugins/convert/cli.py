@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import torch
+from fairseq import models, tasks
+from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
+from fairseq.dataclass.configs import FairseqConfig
+from fairseq.models import MODEL_DATACLASS_REGISTRY
+from fairseq.tasks import TASK_DATACLASS_REGISTRY
+from omegaconf import OmegaConf, open_dict
 
 from avplugins.convert.synchformer import (
     STAGE1,
@@ -70,14 +76,6 @@ def fairseq_config(
         omegaconf.errors.ConfigKeyError / ValidationError: an override that is not a field, or of
             the wrong type.
     """
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
-    from fairseq.dataclass.configs import FairseqConfig
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-    from omegaconf import OmegaConf, open_dict
-
-    import avplugins  # noqa: F401  (registers our models, tasks and criteria)
-
     groups = {
         "model": (MODEL_DATACLASS_REGISTRY, model_name, model_overrides),
         "task": (TASK_DATACLASS_REGISTRY, task_name, task_overrides),
@@ -103,7 +101,7 @@ def fairseq_config(
 def fairseq_checkpoint(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     """The checkpoint dict for ``cfg`` (see :func:`fairseq_config`) and a model state dict: the
     entries of fairseq's ``Trainer.state_dict`` that loading reads, with no optimizer state (a
-    run resumed from it starts at update 0)."""
+    run restored from it starts a fresh optimizer at update 0)."""
     return {
         "args": None,
         "cfg": dict(cfg),
@@ -111,7 +109,7 @@ def fairseq_checkpoint(cfg: Mapping[str, Any], model_state: Mapping[str, torch.T
         "criterion": None,
         "optimizer_history": [
             {
-                "criterion_name": cfg["criterion"]["_name"],
+                "criterion_name": CRITERION_REGISTRY[cfg["criterion"]["_name"]].__name__,
                 "optimizer_name": None,
                 "lr_scheduler_state": {},
                 "num_updates": 0,
@@ -326,9 +324,6 @@ def convert_synchformer(
         FileNotFoundError, ValueError: a missing file, a refused pickle, another layout, or sizes
             our models cannot take (the message names the file and what to do).
     """
-    from fairseq import models, tasks
-    from omegaconf import OmegaConf
-
     official = load_official_checkpoint(official_path)
     cfg = synchformer_config(official, str(official_path), heads)
     structured = OmegaConf.create(cfg)
@@ -361,7 +356,8 @@ def convert_synchformer(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="avplugins-convert", description="Import another project's checkpoint as a fairseq checkpoint of avplugins."
+        prog="avplugins-convert",
+        description="Import another project's checkpoint as a fairseq checkpoint of avplugins.",
     )
     systems = parser.add_subparsers(dest="system", required=True)
     synchformer = systems.add_parser(
