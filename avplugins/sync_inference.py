@@ -16,6 +16,7 @@ A positive offset means the audio is early: the audio crop starts ``offset`` sec
 the video crop (what is heard now is shown ``offset`` seconds later).
 """
 import dataclasses
+import itertools
 import math
 import os
 import tempfile
@@ -582,11 +583,11 @@ class _ShiftedAudioEncoder:
         self.container.mux(self.stream.encode(frame))
 
 
-def _copy_or_reencode_video(inp, out, video_in, origin_s: Fraction):
-    """The output video stream and a function muxing one input packet into it (None: the end):
-    packets copied with their timestamps moved to the new origin when the output container
-    takes the codec, otherwise decoded and re-encoded (frames numbered at the stream's average
-    rate)."""
+def _copy_or_reencode_video(out, video_in, origin_s: Fraction):
+    """Add the output video stream; return a function muxing one input packet into it (None:
+    the end). Packets are copied with their timestamps moved to the new origin when the output
+    container takes the codec, otherwise decoded and re-encoded (frames numbered at the
+    stream's average rate)."""
     if video_in.codec_context.name in out.supported_codecs:
         video_out = out.add_stream_from_template(video_in)
         shift = math.floor(origin_s / video_in.time_base)
@@ -599,23 +600,22 @@ def _copy_or_reencode_video(inp, out, video_in, origin_s: Fraction):
             packet.stream = video_out
             out.mux(packet)
 
-        return video_out, mux
+        return mux
     rate = Fraction(video_in.average_rate or video_in.guessed_rate or 25)
     video_out = out.add_stream(out.default_video_codec, rate=rate)
     video_out.width, video_out.height = video_in.codec_context.width, video_in.codec_context.height
     video_out.pix_fmt = "yuv420p"
-    count = [0]
+    frame_numbers = itertools.count()
 
     def mux(packet):
         for frame in packet.decode() if packet is not None else []:
             frame = frame.reformat(format="yuv420p")
-            frame.pts, frame.time_base = count[0], 1 / rate
-            count[0] += 1
+            frame.pts, frame.time_base = next(frame_numbers), 1 / rate
             out.mux(video_out.encode(frame))
         if packet is None:
             out.mux(video_out.encode(None))
 
-    return video_out, mux
+    return mux
 
 
 def _demuxed(inp, video_in, audio_in, source: str):
@@ -645,6 +645,8 @@ def write_shifted_copy(source: str, destination: str, delay_s: float) -> None:
     if os.path.abspath(source) == os.path.abspath(destination):
         raise SyncInputError(f"{destination}: the corrected copy would overwrite its input; choose another path")
     folder = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(folder):
+        raise SyncInputError(f"{destination}: the folder {folder} does not exist; create it first")
     extension = os.path.splitext(destination)[1]
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(destination)}.", suffix=extension)
     os.close(handle)
@@ -658,7 +660,7 @@ def write_shifted_copy(source: str, destination: str, delay_s: float) -> None:
             except ValueError as error:  # PyAV: unknown extension
                 raise media.MediaError(destination, f"{error}; use a known extension such as .mp4 or .mkv") from None
             with media._converted_errors(destination), out:
-                _, mux_video = _copy_or_reencode_video(inp, out, video_in, origin_s)
+                mux_video = _copy_or_reencode_video(out, video_in, origin_s)
                 audio_out = out.add_stream("aac", rate=audio_in.codec_context.sample_rate,
                                            layout=_encodable_layout(audio_in.codec_context.layout))
                 audio = _ShiftedAudioEncoder(out, audio_out, round(delay_s * audio_out.codec_context.sample_rate),

@@ -11,7 +11,7 @@ import torch
 from fairseq import models, tasks
 from omegaconf import OmegaConf
 
-from avplugins.cli.avsync import main
+from avplugins.cli.avsync import format_report, main, output_paths
 from avplugins.convert.cli import fairseq_checkpoint, fairseq_config, save_checkpoint
 from avplugins.data.features import synchformer_audio_features
 from avplugins.data.media import read_audio, read_video, write_audio, write_video
@@ -260,3 +260,21 @@ def test_wrong_checkpoints_are_refused(files, tmp_path, capsys, checkpoint, mess
     path = files.get(checkpoint, tmp_path / "missing.pt")
     status, out, err = run_cli(capsys, "predict", files["video"], "--checkpoint", path)
     assert status == 2 and message in err and out == ""
+
+
+def test_output_names_and_report_format():
+    assert output_paths("heat.png", ["a/clip.mp4"]) == ["heat.png"]
+    assert output_paths("out/fixed.mp4", ["a/x.mp4", "b/x.mkv", "c/y.mp4"]) == [
+        "out/fixed_x_0.mp4", "out/fixed_x_1.mp4", "out/fixed_y.mp4"
+    ]
+    assert output_paths(None, ["a.mp4", "b.mp4"]) == [None, None]
+    report = {"grid_s": [-0.2, 0.0, 2e-07], "windows": [{"probabilities": [0.5, 0.5]}], "names": ["a", "b"], "x": None}
+    text = format_report(report)
+    assert json.loads(text) == report
+    assert '"grid_s": [-0.2, 0.0, 2e-07]' in text and '"probabilities": [0.5, 0.5]' in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_request_without_cuda_is_refused(files, capsys):
+    status, _, err = run_cli(capsys, "predict", files["video"], "--checkpoint", files["checkpoint"], "--device", "cuda")
+    assert status == 2 and "no CUDA device is available here; use --device cpu" in err

@@ -103,7 +103,7 @@ def log_records(log_text: str, kind: str = "train_inner") -> List[dict]:
     """fairseq's json log records of ``kind`` (``train_inner``: one per update; ``train``: one
     per epoch), without the clock-dependent values."""
     return [
-        {key: value for key, value in json.loads(record).items() if key not in TIME_KEYS}
+        {key: value for key, value in json.loads(record).items() if key.removeprefix(f"{kind}_") not in TIME_KEYS}
         for record_kind, record in LOG_RECORD.findall(log_text) if record_kind == kind
     ]
 

@@ -30,6 +30,7 @@ from avplugins.sync_inference import (
     load_sync_model,
     plot_prediction,
     predict_video,
+    window_stride_segments,
     write_shifted_copy,
 )
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser(
         "predict", help="estimate the audio-visual offset of videos",
-        description=f"Estimate the audio-visual offset of whole videos ({OFFSET_CONVENTION}).",
+        description="Estimate the audio-visual offset of whole videos. " + OFFSET_CONVENTION.capitalize() + ".",
     )
     predict.add_argument("videos", nargs="+", metavar="VIDEO", help="media files with audio and video (any container)")
     predict.add_argument("--checkpoint", required=True,
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--short-side", type=int, default=None,
                          help="resize frames to this short side before the centre crop "
                               "(default: the checkpoint's task.resize_short_side, else crop * 256 / 224)")
-    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines on stderr")
     return parser
 
 
@@ -92,11 +93,25 @@ def _error(message: str) -> None:
     print(f"avsync: error: {message}", file=sys.stderr)
 
 
+def summary_line(prediction) -> str:
+    """One human-readable line per video (stderr; the JSON is the full report)."""
+    parts = []
+    if prediction.estimate_s is not None:
+        top = ", ".join(f"{offset:+.2f} s {p:.2f}" for offset, p in prediction.top_offsets(3))
+        parts.append(f"offset {prediction.estimate_s:+.2f} s (confidence {prediction.confidence:.2f}; top 3: {top})")
+    if prediction.sync_probability is not None:
+        parts.append(f"synchronizable with probability {prediction.sync_probability:.2f}")
+    return f"{prediction.path}: " + "; ".join(parts) + f" over {len(prediction.window_starts_s)} windows"
+
+
 def predict_command(args) -> int:
     if args.batch_size < 1:
         _error(f"--batch-size must be >= 1, got {args.batch_size}")
         return EXIT_ERROR
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _error(f"--device {device}: no CUDA device is available here; use --device cpu")
+        return EXIT_ERROR
     try:
         model, settings = load_sync_model(args.checkpoint, device=device, short_side=args.short_side)
     except (OSError, UnsafeCheckpointError, SyncInputError) as error:
@@ -106,6 +121,12 @@ def predict_command(args) -> int:
         _error(f"{args.checkpoint}: this model has only a synchronizability head, so it cannot tell the "
                "offset --fix needs")
         return EXIT_ERROR
+    if args.window_stride is not None:
+        try:
+            window_stride_segments(args.window_stride, settings.layout)
+        except ValueError as error:
+            _error(f"--window-stride: {error}")
+            return EXIT_ERROR
     report = {**settings.to_json(), "grid_s": list(settings.grid_s), "offset_convention": OFFSET_CONVENTION,
               "videos": []}
     status = 0
@@ -117,6 +138,8 @@ def predict_command(args) -> int:
                 progress=not args.quiet,
             )
             result = prediction.to_json()
+            if not args.quiet:
+                print(summary_line(prediction), file=sys.stderr)
             if plot_path:
                 plot_prediction(prediction, plot_path)
                 result["plot"] = plot_path

@@ -14,7 +14,7 @@ comes from a generator seeded by (seed, epoch, index), so a resumed run sees the
 import csv
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -107,19 +107,23 @@ class AVClipDataset(FairseqDataset):
 
     Subclasses choose windows (:meth:`sample_window`) and may change how an item is made from
     a window (:meth:`load_item`); ``input_keys`` are the item entries collated into
-    ``net_input``.
+    ``net_input``. ``decoded_clips`` (a ``sync_feature_cache.DecodedClips`` of the split, decoded
+    with the same settings) replaces decoding the media files.
     """
 
     input_keys: Tuple[str, ...] = ("video", "audio")
     # the official stage 1 cuts segments before flipping / colour-distorting, stage 2 after
     augment_per_segment = False
 
-    def __init__(self, manifest_path: str, config: ClipSamplingConfig, train: bool):
+    def __init__(
+        self, manifest_path: str, config: ClipSamplingConfig, train: bool, decoded_clips: Optional[Any] = None
+    ):
         super().__init__()
         self.manifest_path = manifest_path
         self.config = config
         self.layout = config.layout
         self.train = train
+        self.decoded_clips = decoded_clips
         _, self.entries = read_manifest(manifest_path)
         self.epoch = 1
         self.num_skipped = 0
@@ -173,19 +177,24 @@ class AVClipDataset(FairseqDataset):
             MediaError: the files hold fewer frames or samples than the manifest promised.
         """
         layout = self.layout
-        frames = read_video(
-            entry.video_path,
-            start_s=video_start_frame / layout.video_fps,
-            duration_s=num_frames / layout.video_fps,
-            fps=layout.video_fps,
-            size=self.decode_size(entry),
-        )
-        samples = read_audio(
-            entry.audio_path,
-            start_s=audio_start_sample / layout.sample_rate,
-            duration_s=num_samples / layout.sample_rate,
-            sample_rate=layout.sample_rate,
-        )
+        if self.decoded_clips is not None:
+            frames, samples = self.decoded_clips.window(
+                entry.id, video_start_frame, num_frames, audio_start_sample, num_samples
+            )
+        else:
+            frames = read_video(
+                entry.video_path,
+                start_s=video_start_frame / layout.video_fps,
+                duration_s=num_frames / layout.video_fps,
+                fps=layout.video_fps,
+                size=self.decode_size(entry),
+            )
+            samples = read_audio(
+                entry.audio_path,
+                start_s=audio_start_sample / layout.sample_rate,
+                duration_s=num_samples / layout.sample_rate,
+                sample_rate=layout.sample_rate,
+            )
         if len(frames) < num_frames or len(samples) < num_samples:
             raise MediaError(
                 entry.video_path,
@@ -309,8 +318,9 @@ class AVOffsetDataset(AVClipDataset):
         num_offset_classes: int = 21,
         fixed_offsets: Optional[Dict[str, FixedOffset]] = None,
         synchronizability: bool = False,
+        decoded_clips: Optional[Any] = None,
     ):
-        super().__init__(manifest_path, config, train)
+        super().__init__(manifest_path, config, train, decoded_clips)
         self.crop_frames = int(round(crop_s * self.layout.video_fps))
         self.grid = sync_sampling.offset_grid(max_offset_s, num_offset_classes)
         self.synchronizability = synchronizability

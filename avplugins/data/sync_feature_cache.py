@@ -293,3 +293,148 @@ class CachedOffsetDataset(AVOffsetDataset):
         window = self.sample_window(index, rng)
         vfeats, afeats = self.cache.gather(self.entries[index].id, *self.cached_starts(window))
         return self.make_item(index, window, vfeats=vfeats, afeats=afeats)
+
+
+# ----------------------------------------------------------------------------- decoded clips
+DECODED_META_FILE = "decoded.json"
+
+
+@dataclass(frozen=True)
+class DecodedMeta:
+    """How the clips of a :class:`DecodedClips` store were decoded."""
+
+    video_fps: int
+    sample_rate: int
+    resize_short_side: Optional[int]
+    frame_height: int
+    frame_width: int
+    version: int = CACHE_VERSION
+
+
+class DecodedClips:
+    """Every clip of a split decoded once, for datasets that would otherwise decode the same
+    files again at every epoch: RGB frames uint8 ``(frames, H, W, 3)`` at the decode size and
+    audio float32 ``(samples,)``, memory-mapped. Slices of it equal what
+    :meth:`AVClipDataset.decode` returns for the same window.
+
+    Layout: ``decoded.json`` (:class:`DecodedMeta`), ``{split}.clips.tsv`` (id, first_frame,
+    num_frames, first_sample, num_samples), ``{split}.frames.npy``, ``{split}.samples.npy``.
+    """
+
+    def __init__(self, store_dir: str, split: str):
+        self.store_dir = store_dir
+        self.split = split
+        meta_path = os.path.join(store_dir, DECODED_META_FILE)
+        index_path = os.path.join(store_dir, f"{split}.clips.tsv")
+        for path in (meta_path, index_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: decode split {split!r} into {store_dir} with "
+                    f"`python -m preprocess.cache_sync_features decode DATA {store_dir} --splits {split}`"
+                )
+        with open(meta_path, encoding="utf-8") as handle:
+            self.meta = DecodedMeta(**json.load(handle))
+        with open(index_path, newline="", encoding="utf-8") as handle:
+            self.index: Dict[str, Tuple[int, int, int, int]] = {
+                row["id"]: tuple(int(row[key]) for key in ("first_frame", "num_frames", "first_sample", "num_samples"))
+                for row in csv.DictReader(handle, delimiter="\t")
+            }
+        self._arrays: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    @staticmethod
+    def has_split(store_dir: str, split: str) -> bool:
+        return os.path.isfile(os.path.join(store_dir, f"{split}.clips.tsv"))
+
+    def arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = tuple(
+                np.load(os.path.join(self.store_dir, f"{self.split}.{kind}.npy"), mmap_mode="r")
+                for kind in ("frames", "samples")
+            )
+        return self._arrays
+
+    def window(
+        self, clip_id: str, video_start_frame: int, num_frames: int, audio_start_sample: int, num_samples: int
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Frames ``[video_start_frame, + num_frames)`` (uint8 (T, H, W, 3)) and samples
+        ``[audio_start_sample, + num_samples)`` (float32 (N,)) of a clip, fewer at its end.
+
+        Raises:
+            MediaError: the clip is not in the store (it failed to decode when the store was made).
+        """
+        if clip_id not in self.index:
+            raise MediaError(clip_id, f"not in the decoded clips of {self.store_dir} ({self.split}); it failed to "
+                             "decode when they were written, or the manifest changed since: rewrite them")
+        first_frame, clip_frames, first_sample, clip_samples = self.index[clip_id]
+        frames, samples = self.arrays()
+        frame_stop = min(video_start_frame + num_frames, clip_frames)
+        sample_stop = min(audio_start_sample + num_samples, clip_samples)
+        return (  # copies: the caller may write to them
+            np.array(frames[first_frame + video_start_frame:first_frame + max(frame_stop, video_start_frame)]),
+            np.array(samples[first_sample + audio_start_sample:first_sample + max(sample_stop, audio_start_sample)]),
+        )
+
+
+def write_decoded_clips(reader: AVClipDataset, store_dir: str, split: str) -> List[Tuple[str, str]]:
+    """Decode every clip of ``reader`` whole (at its decode size) into a :class:`DecodedClips` store.
+
+    Returns:
+        (clip id, reason) of the clips that failed to decode (left out of the store).
+    Raises:
+        ValueError: clips decode to different frame sizes, or ``store_dir`` holds clips decoded
+            with other settings.
+    """
+    os.makedirs(store_dir, exist_ok=True)
+    layout = reader.layout
+    entries = reader.entries
+    frames = samples = meta = None
+    rows, skipped = [], []
+    first_frame = first_sample = 0
+    for entry in entries:
+        try:
+            clip_frames, clip_samples = reader.decode(entry, 0, entry.num_video_frames, 0, entry.num_audio_samples)
+        except MediaError as error:
+            skipped.append((entry.id, str(error)))
+            continue
+        if meta is None:
+            meta = DecodedMeta(layout.video_fps, layout.sample_rate, reader.config.resize_short_side,
+                               *clip_frames.shape[1:3])
+            _check_same_meta(store_dir, meta)
+            frames = np.lib.format.open_memmap(
+                os.path.join(store_dir, f"{split}.frames.npy"), "w+", np.uint8,
+                (sum(e.num_video_frames for e in entries), meta.frame_height, meta.frame_width, 3),
+            )
+            samples = np.lib.format.open_memmap(
+                os.path.join(store_dir, f"{split}.samples.npy"), "w+", np.float32,
+                (sum(e.num_audio_samples for e in entries),),
+            )
+        if clip_frames.shape[1:3] != (meta.frame_height, meta.frame_width):
+            raise ValueError(
+                f"{entry.video_path}: frames of {clip_frames.shape[1:3]} where earlier clips have "
+                f"{(meta.frame_height, meta.frame_width)}; set a resize_short_side that gives every clip one size"
+            )
+        frames[first_frame:first_frame + len(clip_frames)] = clip_frames
+        samples[first_sample:first_sample + len(clip_samples)] = clip_samples
+        rows.append((entry.id, first_frame, len(clip_frames), first_sample, len(clip_samples)))
+        first_frame += len(clip_frames)
+        first_sample += len(clip_samples)
+    if meta is None:
+        raise ValueError(f"{reader.manifest_path}: no clip could be decoded ({skipped[:1]})")
+    frames.flush()
+    samples.flush()
+    with open(os.path.join(store_dir, f"{split}.clips.tsv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["id", "first_frame", "num_frames", "first_sample", "num_samples"])
+        writer.writerows(rows)
+    with open(os.path.join(store_dir, DECODED_META_FILE), "w", encoding="utf-8") as handle:
+        json.dump(dataclasses.asdict(meta), handle, indent=1)
+    return skipped
+
+
+def _check_same_meta(store_dir: str, meta: DecodedMeta) -> None:
+    path = os.path.join(store_dir, DECODED_META_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            existing = DecodedMeta(**json.load(handle))
+        if existing != meta:
+            raise ValueError(f"{store_dir} holds clips decoded with other settings ({existing}); use another folder")

@@ -9,6 +9,7 @@ from fairseq.tasks import FairseqTask
 from omegaconf import II, MISSING
 
 from avplugins.data.sync_dataset import ClipSamplingConfig
+from avplugins.data.sync_feature_cache import DecodedClips
 from avplugins.data.sync_sampling import SegmentLayout
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ class AVSyncDataConfig(FairseqDataclass):
     color_augment: bool = field(default=False, metadata={"help": "colour jitter and grayscale (p 0.2)"})
     skip_invalid: bool = field(
         default=False, metadata={"help": "skip (and count) clips that fail to decode instead of stopping"}
+    )
+    decoded_clips: Optional[str] = field(
+        default=None,
+        metadata={"help": "folder of clips decoded once (`python -m preprocess.cache_sync_features decode`); "
+                  "the splits it holds are sliced from it instead of decoding the media files"},
     )
     seed: int = II("common.seed")
     train_subset: str = II("dataset.train_subset")
@@ -77,6 +83,24 @@ class AVSyncTaskBase(FairseqTask):
                 "holding {split}.tsv (see `avplugins-synth` or `python -m preprocess.make_manifest`)"
             )
         return path
+
+    def decoded_clips(self, split: str) -> Optional[DecodedClips]:
+        """The split's clips from ``decoded_clips`` when that folder holds it (None otherwise).
+
+        Raises:
+            ValueError: they were decoded with other settings than this task's.
+        """
+        if not self.cfg.decoded_clips or not DecodedClips.has_split(self.cfg.decoded_clips, split):
+            return None
+        store = DecodedClips(self.cfg.decoded_clips, split)
+        expected = {"video_fps": self.cfg.video_fps, "sample_rate": self.cfg.sample_rate,
+                    "resize_short_side": self.cfg.resize_short_side}
+        differences = [f"task.{name}={value} (decoded: {getattr(store.meta, name)})"
+                       for name, value in expected.items() if getattr(store.meta, name) != value]
+        if differences:
+            raise ValueError(f"{self.cfg.decoded_clips} was decoded with other settings: {', '.join(differences)}")
+        logger.info("%s: clips sliced from %s", split, self.cfg.decoded_clips)
+        return store
 
     def is_train_split(self, split: str) -> bool:
         return split == self.cfg.train_subset

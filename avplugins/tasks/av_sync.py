@@ -104,4 +104,4 @@ class AVSyncTask(AVSyncTaskBase):
             logger.info("%s: cached tower features from %s", split, self.cfg.feature_cache)
             self.datasets[split] = CachedOffsetDataset(**arguments, cache=FeatureCache(self.cfg.feature_cache, split))
         else:
-            self.datasets[split] = AVOffsetDataset(**arguments)
+            self.datasets[split] = AVOffsetDataset(**arguments, decoded_clips=self.decoded_clips(split))

@@ -21,4 +21,5 @@ class AVSyncPretrainingTask(AVSyncTaskBase):
             self.manifest_path(split),
             self.sampling_config(self.cfg.segment_stride_frames),
             train=self.is_train_split(split),
+            decoded_clips=self.decoded_clips(split),
         )
