@@ -59,6 +59,33 @@ def load_checkpoint_state(path: str) -> Dict[str, Any]:
             ) from None
 
 
+def load_model_and_config(path: str, device: Optional[str] = None, task_overrides: Optional[dict] = None):
+    """Like :func:`load_model`, also returning the checkpoint's config (an OmegaConf ``DictConfig``
+    with ``model``, ``task``, ...), so callers need not read the file twice."""
+    from fairseq import models, tasks
+    from omegaconf import OmegaConf, open_dict
+
+    state = load_checkpoint_state(path)
+    if not state.get("cfg") or "model" not in state:
+        raise ValueError(f"{path}: not a fairseq checkpoint of this project (no 'cfg' or 'model' entry)")
+    cfg = OmegaConf.create(state["cfg"])
+    with open_dict(cfg):
+        for key, value in (task_overrides or {}).items():
+            cfg.task[key] = value
+    task = tasks.setup_task(cfg.task, from_checkpoint=True)
+    # build without allocating or initialising weights (minutes at the paper's size on a CPU),
+    # then take the checkpoint's tensors as they are
+    with torch.device("meta"):
+        model = models.build_model(cfg.model, task, from_checkpoint=True)
+    # nn.Module's own loader: fairseq's override has no `assign` (and nothing to upgrade here)
+    torch.nn.Module.load_state_dict(model, state["model"], strict=True, assign=True)
+    still_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if still_meta:  # tensors a checkpoint does not hold (non-persistent buffers): build normally
+        model = models.build_model(cfg.model, task, from_checkpoint=True)
+        model.load_state_dict(state["model"], strict=True)
+    return model.to(device or "cpu").eval(), cfg
+
+
 def load_model(path: str, device: Optional[str] = None, task_overrides: Optional[dict] = None):
     """Load any checkpoint this project writes or imports, in eval mode.
 
@@ -71,17 +98,4 @@ def load_model(path: str, device: Optional[str] = None, task_overrides: Optional
     Returns:
         the model (``torch.nn.Module``) in eval mode on ``device``.
     """
-    from fairseq import models, tasks
-    from omegaconf import OmegaConf, open_dict
-
-    state = load_checkpoint_state(path)
-    if not state.get("cfg") or "model" not in state:
-        raise ValueError(f"{path}: not a fairseq checkpoint of this project (no 'cfg' or 'model' entry)")
-    cfg = OmegaConf.create(state["cfg"])
-    with open_dict(cfg):
-        for key, value in (task_overrides or {}).items():
-            cfg.task[key] = value
-    task = tasks.setup_task(cfg.task, from_checkpoint=True)
-    model = models.build_model(cfg.model, task, from_checkpoint=True)
-    model.load_state_dict(state["model"], strict=True)
-    return model.to(device or "cpu").eval()
+    return load_model_and_config(path, device, task_overrides)[0]

@@ -31,7 +31,7 @@ import torch
 from fairseq.models import MODEL_REGISTRY
 from tqdm import tqdm
 
-from avplugins.checkpoint import load_checkpoint_state, load_model
+from avplugins.checkpoint import load_model_and_config
 from avplugins.data import media
 from avplugins.data.features import synchformer_audio_features
 from avplugins.data.sync_sampling import SegmentLayout, offset_grid, segment_start_frames, segment_start_samples
@@ -119,7 +119,7 @@ def load_sync_model(path: str, device: Optional[str] = None, short_side: Optiona
         FileNotFoundError, avplugins.checkpoint.UnsafeCheckpointError: no file / refused pickle.
         SyncInputError: not a stage-2 Synchformer checkpoint.
     """
-    cfg = load_checkpoint_state(path).get("cfg") or {}
+    model, cfg = load_model_and_config(path, device=device)
     model_cfg, task_cfg = cfg.get("model") or {}, cfg.get("task") or {}
     model_name, task_name = model_cfg.get("_name"), task_cfg.get("_name")
     if task_name != "av_sync" or not _is_stage2_synchformer(model_name):
@@ -129,7 +129,6 @@ def load_sync_model(path: str, device: Optional[str] = None, short_side: Optiona
             "`synchformer_segment_clip` checkpoint has no offset classifier), or an official "
             "stage-2 file imported with `avplugins-convert synchformer`"
         )
-    model = load_model(path, device=device)
     crop_size = int(model.cfg.image_size)
     short_side = short_side or task_cfg.get("resize_short_side") or round(crop_size * PAPER_SHORT_SIDE / PAPER_CROP)
     if short_side < crop_size:
