@@ -16,7 +16,8 @@ from avplugins.convert.cli import fairseq_checkpoint, fairseq_config, save_check
 from avplugins.data.features import synchformer_audio_features
 from avplugins.data.media import read_audio, read_video, write_audio, write_video
 from avplugins.data.transforms import synchformer_video_transform
-from avplugins.sync_inference import load_sync_model, predict_video, write_shifted_copy
+from avplugins.data.media import write_shifted_copy
+from avplugins.sync_inference import load_sync_model, predict_video
 
 FPS, SAMPLE_RATE = 25, 16000
 HEIGHT, WIDTH = 48, 64

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from avplugins.checkpoint import UnsafeCheckpointError
-from avplugins.data.media import MediaError
+from avplugins.data.media import MediaError, write_shifted_copy
 from avplugins.sync_inference import (
     OFFSET_CONVENTION,
     SyncInputError,
@@ -31,7 +31,6 @@ from avplugins.sync_inference import (
     plot_prediction,
     predict_video,
     window_stride_segments,
-    write_shifted_copy,
 )
 
 EXIT_ERROR = 2
@@ -146,7 +145,7 @@ def predict_command(args) -> int:
             if fix_path:
                 write_shifted_copy(video, fix_path, delay_s=prediction.estimate_s)
                 result["fixed"] = {"path": fix_path, "audio_delay_s": prediction.estimate_s}
-        except (MediaError, SyncInputError, OSError) as error:
+        except (MediaError, ValueError, OSError) as error:  # SyncInputError is a ValueError
             _error(str(error))
             result = {"path": video, "error": str(error)}
             status = EXIT_ERROR

@@ -15,8 +15,10 @@ as :class:`MediaError`, whose message names the file, the problem and what to do
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -664,3 +666,179 @@ def write_audio(path, samples, sample_rate=16000) -> None:
         frame.pts = 0
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+# --- remuxing with a shifted audio track (avsync predict --fix) ----------------------------
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def _encodable_layout(layout: av.AudioLayout) -> str:
+    """The layout's name, or the default layout of its channel count when it has none."""
+    if layout.name.endswith(" channels"):
+        return _DEFAULT_LAYOUTS.get(len(layout.channels), layout.name)
+    return layout.name
+
+
+class _ShiftedAudioEncoder:
+    """Re-encodes decoded audio ``delay_samples`` later on the output's timeline (silence
+    before, samples that land before 0 dropped), at the input's rate and channel layout.
+
+    Decoders return whole codec frames; the stream's packets say where it really ends (an AAC
+    encoder pads the last frame), so the newest chunk is held back until the end is known.
+    """
+
+    def __init__(self, container, stream, delay_samples: int, origin_s: Fraction):
+        self.container = container
+        self.stream = stream
+        self.rate = stream.codec_context.sample_rate
+        self.layout = stream.codec_context.layout.name
+        self.channels = len(stream.codec_context.layout.channels)
+        self.delay_samples = delay_samples
+        self.origin_s = origin_s
+        self.converter = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+        self.next_index: Optional[int] = None  # output sample index of the next decoded sample
+        self.pending: Optional[Tuple[int, np.ndarray]] = None  # (start index, (channels, n) samples)
+        self.end_s: Optional[Fraction] = Fraction(0)  # input end from packets; None: unknown
+
+    def note_packet(self, packet: av.Packet) -> None:
+        """Track where the input's audio ends (seconds from the origin)."""
+        if packet.pts is None or self.end_s is None:
+            return
+        if not packet.duration:
+            self.end_s = None
+            return
+        self.end_s = max(self.end_s, (packet.pts + packet.duration) * packet.time_base - self.origin_s)
+
+    def push(self, frame: av.AudioFrame) -> None:
+        """Add a decoded frame; the first one fixes the placement, the rest follow contiguously."""
+        if self.next_index is None:
+            time_s = Fraction(0) if frame.pts is None else frame.pts * frame.time_base - self.origin_s
+            first = round(time_s * self.rate) + self.delay_samples
+            self.next_index = min(first, 0)
+            self._queue(np.zeros((self.channels, max(first, 0)), np.float32))
+        for converted in self.converter.resample(frame):
+            self._queue(converted.to_ndarray())
+
+    def finish(self) -> None:
+        """Encode what is held back, cut at the input's end, and flush the encoder."""
+        if self.pending is not None:
+            start, planar = self.pending
+            if self.end_s is not None:
+                planar = planar[:, : max(0, round(self.end_s * self.rate) + self.delay_samples - start)]
+            self._encode(start, planar)
+        self.container.mux(self.stream.encode(None))
+
+    def _queue(self, planar: np.ndarray) -> None:
+        if self.pending is not None:
+            self._encode(*self.pending)
+        self.pending = (self.next_index, planar)
+        self.next_index += planar.shape[1]
+
+    def _encode(self, start: int, planar: np.ndarray) -> None:
+        """Encode (channels, n) float samples placed at output index ``start``."""
+        planar = planar[:, max(0, -start):]
+        if planar.shape[1] == 0:
+            return
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar, np.float32), format="fltp", layout=self.layout)
+        frame.sample_rate = self.rate
+        frame.pts = max(start, 0)
+        frame.time_base = Fraction(1, self.rate)
+        self.container.mux(self.stream.encode(frame))
+
+
+def _copy_or_reencode_video(out, video_in, origin_s: Fraction):
+    """Add the output video stream; return a function muxing one input packet into it (None:
+    the end). Packets are copied with their timestamps moved to the new origin when the output
+    container takes the codec, otherwise decoded and re-encoded (frames numbered at the
+    stream's average rate)."""
+    if video_in.codec_context.name in out.supported_codecs:
+        video_out = out.add_stream_from_template(video_in)
+        shift = math.floor(origin_s / video_in.time_base)
+
+        def mux(packet):
+            if packet is None or packet.dts is None:  # the end / the demuxer's final empty packet
+                return
+            packet.pts = None if packet.pts is None else packet.pts - shift
+            packet.dts -= shift
+            packet.stream = video_out
+            out.mux(packet)
+
+        return mux
+    rate = Fraction(video_in.average_rate or video_in.guessed_rate or 25)
+    video_out = out.add_stream(out.default_video_codec, rate=rate)
+    video_out.width, video_out.height = video_in.codec_context.width, video_in.codec_context.height
+    video_out.pix_fmt = "yuv420p"
+    frame_numbers = itertools.count()
+
+    def mux(packet):
+        for frame in packet.decode() if packet is not None else []:
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = next(frame_numbers), 1 / rate
+            out.mux(video_out.encode(frame))
+        if packet is None:
+            out.mux(video_out.encode(None))
+
+    return mux
+
+
+def _demuxed(inp, video_in, audio_in, source: str):
+    """(packet, its decoded frames for audio / [] for video) in file order; FFmpeg errors while
+    reading name ``source`` (those while writing name the output)."""
+    with _converted_errors(source):
+        for packet in inp.demux(video_in, audio_in):
+            yield packet, packet.decode() if packet.stream.index == audio_in.index else []
+
+
+def write_shifted_copy(source: str, destination: str, delay_s: float) -> None:
+    """Copy ``source`` to ``destination`` with the audio delayed by ``delay_s`` seconds
+    (negative: advanced): output audio at time t is input audio at time t - delay_s, silence
+    before the input's first sample, input samples that would land before 0 dropped.
+
+    To undo an offset estimate ``e`` (audio early by ``e``), pass ``delay_s=e``. The video
+    packets are copied without re-encoding when the output container takes the codec; the
+    audio is re-encoded as AAC at its own sample rate and channel layout. The file is written
+    to a temporary name beside ``destination`` and renamed when complete.
+
+    Raises:
+        avplugins.data.MediaError: unreadable input, no audio or video stream, or an
+            output FFmpeg cannot write (e.g. an unknown extension).
+        ValueError: ``destination`` is the input file, or its folder does not exist.
+    """
+    source, destination = os.fspath(source), os.fspath(destination)
+    if os.path.abspath(source) == os.path.abspath(destination):
+        raise ValueError(f"{destination}: the corrected copy would overwrite its input; choose another path")
+    folder = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{destination}: the folder {folder} does not exist; create it first")
+    extension = os.path.splitext(destination)[1]
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(destination)}.", suffix=extension)
+    os.close(handle)
+    try:
+        with _open_input(source) as inp:
+            video_in = _video_stream(inp, source)
+            audio_in = _audio_stream(inp, source)
+            origin_s = _timeline_origin(inp)
+            try:
+                out = av.open(temporary, mode="w")
+            except ValueError as error:  # PyAV: unknown extension
+                raise MediaError(destination, f"{error}; use a known extension such as .mp4 or .mkv") from None
+            with _converted_errors(destination), out:
+                mux_video = _copy_or_reencode_video(out, video_in, origin_s)
+                audio_out = out.add_stream("aac", rate=audio_in.codec_context.sample_rate,
+                                           layout=_encodable_layout(audio_in.codec_context.layout))
+                audio = _ShiftedAudioEncoder(out, audio_out, round(delay_s * audio_out.codec_context.sample_rate),
+                                             origin_s)
+                for packet, audio_frames in _demuxed(inp, video_in, audio_in, source):
+                    if packet.stream.index == video_in.index:
+                        mux_video(packet)
+                    else:
+                        audio.note_packet(packet)
+                        for frame in audio_frames:
+                            audio.push(frame)
+                mux_video(None)
+                audio.finish()
+        os.replace(temporary, destination)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
