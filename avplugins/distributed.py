@@ -24,6 +24,8 @@ applies them again (a spawned interpreter re-imports fairseq unpatched):
 - ``checkpoint_utils.load_checkpoint_to_cpu`` (resume, ``fairseq-generate``): loads under the
   same allow-list as :func:`avplugins.checkpoint.load_checkpoint_state` and reports a refused
   file as :class:`avplugins.checkpoint.UnsafeCheckpointError`.
+
+:func:`wait_for_prefetch_threads`, called when training returns, avoids a crash at exit.
 """
 import logging
 import os
@@ -31,11 +33,14 @@ import pickle
 import random
 import shutil
 import socket
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 from fairseq import checkpoint_utils, file_io
 from fairseq import utils as fairseq_utils
+from fairseq.data import iterators
 from fairseq.distributed import utils as distributed_utils
 from fairseq.models import distributed_fairseq_model
 from torch.nn.parallel import DistributedDataParallel
@@ -146,6 +151,23 @@ def _spawned_cpu_worker(local_rank: int, cfg, main, kwargs) -> None:
     dt_cfg.device_id = local_rank
     dt_cfg.distributed_no_spawn = True
     _FAIRSEQ["call_main"](cfg, main, **kwargs)
+    wait_for_prefetch_threads()
+
+
+def wait_for_prefetch_threads(timeout_s: float = 60.0) -> None:
+    """Let fairseq's batch-prefetch threads reach a safe state before Python exits.
+
+    fairseq's ``BufferedIterator`` loads batches ahead in a daemon thread. When training stops
+    mid-epoch (``max_update``), that thread may still be decoding a batch when the interpreter
+    exits; CPython then ends it inside C++ code (PyAV, torch), which aborts the finished run
+    ("terminate called without an active exception", exit status 134). Wait (at most
+    ``timeout_s``) until each such thread has ended or blocks on its full queue, in Python.
+    """
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if isinstance(thread, iterators.BackgroundConsumer):
+            while thread.is_alive() and not thread._queue.full() and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 class CPUCapableDistributedDataParallel(DistributedDataParallel):

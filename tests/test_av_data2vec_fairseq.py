@@ -245,6 +245,19 @@ def test_teacher_is_the_exponential_moving_average_of_the_student():
         torch.testing.assert_close(value, after[key])
 
 
+def test_whole_backbone_teacher_averages_the_frontends_too():
+    model = build({**TINY_PRETRAIN, "ema_transformer_only": False, "ema_decay": 0.5, "ema_end_decay": 0.5})
+    model.train()
+    model.set_num_updates(0)
+    old = model.ema.model.audio_frontend.proj.weight.clone()
+    with torch.no_grad():
+        model.backbone.audio_frontend.proj.weight.add_(2.0)
+    model.set_num_updates(1)
+    torch.testing.assert_close(model.ema.model.audio_frontend.proj.weight, old + 1.0)
+    output = model(**av_batch())
+    assert output["targets"].shape == output["predictions"].shape
+
+
 def test_teacher_decay_anneals_linearly_then_stays():
     assert annealed_decay(0.999, 0.9999, 15000, 30000) == pytest.approx(0.99945)
     model = build({**TINY_PRETRAIN, "ema_anneal_end_step": 100})

@@ -47,7 +47,7 @@ def test_pretraining_then_asr_fine_tuning_learns(corpus, tmp_path):
     pretrain_dir = tmp_path / "pretrain"
     log = hydra_train("pretrain", pretrain_dir, [
         f"task.data={corpus}", "optimization.max_update=40", "common.log_interval=5",
-        "model.ema_anneal_end_step=40", "lr_scheduler.phase_ratio=[0.1,0.9,0.0]",
+        "model.ema_anneal_end_step=40",
     ])
     losses, target_vars = zip(*[(float(a), float(b)) for a, b in TRAIN_LINE.findall(log)])
     assert len(losses) == 8, log[-2000:]

@@ -62,7 +62,13 @@ def state(path):
     return load_checkpoint_state(str(path))
 
 
-@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+@pytest.mark.parametrize("recipe_name", [
+    "synchformer",
+    pytest.param("av_data2vec", marks=pytest.mark.xfail(strict=True, reason=(
+        "AVData2VecModel.set_num_updates: fairseq's load_checkpoint calls it with the saved update "
+        "number before loading the weights, so the first update after resuming takes no EMA step "
+        "and keeps the initial decay (the teacher diverges from the uninterrupted run)"))),
+])
 def test_killed_and_resumed_run_equals_uninterrupted_run(corpus, tmp_path, recipe_name):
     recipe, overrides = RECIPES[recipe_name]
     if not recipe.is_file():

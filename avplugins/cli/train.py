@@ -19,7 +19,7 @@ def with_user_dir(argv: List[str], user_dir: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import avplugins
-    from avplugins.distributed import apply_fairseq_fixes
+    from avplugins.distributed import apply_fairseq_fixes, wait_for_prefetch_threads
 
     apply_fairseq_fixes()
     from fairseq_cli import hydra_train
@@ -29,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Hydra reads the command line from sys.argv
     sys.argv = [sys.argv[0], *with_user_dir(arguments, user_dir)]
     hydra_train.cli_main()
+    wait_for_prefetch_threads()
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ class AVSpeechDataset(FairseqDataset):
         seed: base seed of all randomness.
         image_size: resize the stored frames to this square size before cropping (None:
             as stored, e.g. 96 x 96 mouth ROIs).
-        cache_media: keep every decoded utterance in memory after its first use (per
-            process: use it with ``dataset.num_workers=0``; for small corpora).
+        cache_media: keep every decoded utterance (and its clean audio features) in memory
+            after its first use (per process: use it with ``dataset.num_workers=0``; for small
+            corpora).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class AVSpeechDataset(FairseqDataset):
         self.image_size = image_size
         self.cache_media = cache_media
         self._media_cache: Dict[int, Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = {}
+        self._feature_cache: Dict[Tuple[int, int, int], np.ndarray] = {}
         self.epoch = 1
         self.num_skipped = 0
         self.sizes = np.array(
@@ -174,10 +176,7 @@ class AVSpeechDataset(FairseqDataset):
                 av_data2vec_video_transform(frames, train=self.train, rng=rng, crop_size=self.crop_size)
             )
         if samples is not None:
-            if self.noise is not None and rng.random() < self.noise.prob:
-                snr_db = float(rng.choice(np.asarray(self.noise.snr_db, dtype=np.float64)))
-                samples = mix_at_snr(samples, self.noise.bank.draw(len(samples), rng), snr_db)
-            item["audio"] = torch.from_numpy(av_data2vec_audio_features(samples, num_frames, SAMPLE_RATE))
+            item["audio"] = torch.from_numpy(self.audio_features(index, start_frame, samples, num_frames, rng))
         item["num_frames"] = num_frames
         if self.labels is not None:
             item["target"] = self.labels[index]
@@ -219,6 +218,23 @@ class AVSpeechDataset(FairseqDataset):
             samples_per_frame = SAMPLE_RATE // VIDEO_FPS
             samples = samples[start_frame * samples_per_frame : (start_frame + num_frames) * samples_per_frame]
         return frames, samples
+
+    def audio_features(
+        self, index: int, start_frame: int, samples: np.ndarray, num_frames: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """(num_frames, 104) features of ``samples``, after mixing in noise when configured.
+        Clean features are deterministic, so ``cache_media`` keeps them too."""
+        if self.noise is not None and rng.random() < self.noise.prob:
+            snr_db = float(rng.choice(np.asarray(self.noise.snr_db, dtype=np.float64)))
+            noisy = mix_at_snr(samples, self.noise.bank.draw(len(samples), rng), snr_db)
+            return av_data2vec_audio_features(noisy, num_frames, SAMPLE_RATE)
+        key = (index, start_frame, num_frames)
+        if key not in self._feature_cache:
+            features = av_data2vec_audio_features(samples, num_frames, SAMPLE_RATE)
+            if not self.cache_media:
+                return features
+            self._feature_cache[key] = features
+        return self._feature_cache[key]
 
     def __getitem__(self, index: int) -> Optional[dict]:
         try:
