@@ -15,8 +15,8 @@ applies them again (a spawned interpreter re-imports fairseq unpatched):
 - ``DistributedDataParallel`` as used by ``DistributedFairseqModel``: fairseq always passes
   ``device_ids=[device_id]``, which torch refuses for a module on the CPU.
 - ``distributed_utils.all_gather_list`` (used by the trainer for criteria whose logging outputs
-  cannot be summed) stages its data in a CUDA buffer; without CUDA we gather with
-  ``torch.distributed.all_gather_object``.
+  cannot be summed) stages its data in a CUDA buffer; gloo groups gather with
+  ``torch.distributed.all_gather_object`` instead.
 - ``checkpoint_utils.PathManager.copy``: fairseq writes the first checkpoint file of a save
   atomically (``.tmp`` then rename) but *copies* it to the others (``checkpoint_last.pt``
   whenever an epoch or update checkpoint is written too) in place, so a kill during the copy
@@ -142,9 +142,8 @@ def call_main(cfg, main, **kwargs):
 
 
 def _spawned_cpu_worker(local_rank: int, cfg, main, kwargs) -> None:
-    """Entry point of a CPU worker started by :func:`call_main` in a fresh interpreter."""
-    import avplugins  # noqa: F401  (registers our tasks, models and criterions here too)
-
+    """Entry point of a CPU worker started by :func:`call_main` in a fresh interpreter (which
+    imported ``avplugins``, registering our tasks, models and criteria, to find this function)."""
     apply_fairseq_fixes()
     dt_cfg = cfg.distributed_training
     dt_cfg.distributed_rank += local_rank
@@ -181,11 +180,12 @@ class CPUCapableDistributedDataParallel(DistributedDataParallel):
 
 
 def all_gather_list(data, group=None, max_size=16384):
-    """fairseq's ``all_gather_list`` (a list of every worker's picklable ``data``); without
-    CUDA through ``torch.distributed.all_gather_object`` instead of a CUDA staging buffer."""
-    if torch.cuda.is_available():
-        return _FAIRSEQ["all_gather_list"](data, group=group, max_size=max_size)
+    """fairseq's ``all_gather_list`` (a list of every worker's picklable ``data``). fairseq's
+    stages the data in a CUDA buffer, which only NCCL needs; gloo groups use
+    ``torch.distributed.all_gather_object``."""
     group = distributed_utils.get_global_group() if group is None else group
+    if distributed_utils.use_xla() or dist.get_backend(group) == dist.Backend.NCCL:
+        return _FAIRSEQ["all_gather_list"](data, group=group, max_size=max_size)
     gathered = [None] * distributed_utils.get_world_size(group)
     dist.all_gather_object(gathered, fairseq_utils.move_to_cpu(data), group=group)
     return gathered

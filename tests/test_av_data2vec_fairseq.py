@@ -355,6 +355,16 @@ def test_seq2seq_forward_and_frozen_encoder():
     assert model.encoder.backbone.audio_frontend.proj.weight.grad is not None
 
 
+def test_fine_tuning_span_masks_only_in_training():
+    batch = {**av_batch(), "video": None}  # (the video frontend's batch norm differs in training)
+    for apply_mask in (False, True):
+        model = tiny_seq2seq(activation_dropout=0.0, apply_mask=apply_mask, mask_prob=0.8, mask_length=4)
+        with torch.no_grad():
+            training = model.encoder.train()(**batch)["encoder_out"][0]
+            evaluating = model.encoder.eval()(**batch)["encoder_out"][0]
+        assert torch.allclose(training, evaluating, atol=1e-5) != apply_mask
+
+
 def test_incremental_decoding_equals_full_decoding():
     model = tiny_seq2seq().eval()
     batch = av_batch()

@@ -113,7 +113,8 @@ def assert_same_records(records_a: List[dict], records_b: List[dict]) -> None:
     assert [sorted(record) for record in records_a] == [sorted(record) for record in records_b]
     for record_a, record_b in zip(records_a, records_b):
         for key, value in record_a.items():
-            assert math.isclose(float(value), float(record_b[key]), rel_tol=1e-4, abs_tol=1e-3), (key, record_a, record_b)
+            same = math.isclose(float(value), float(record_b[key]), rel_tol=1e-4, abs_tol=1e-3)
+            assert same, (key, record_a, record_b)
 
 
 def model_parameters(checkpoint: Path) -> Dict[str, torch.Tensor]:

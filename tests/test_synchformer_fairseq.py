@@ -337,19 +337,44 @@ PAPER_RECIPES = [("pretrain", name) for name in ("lrs3", "vggsound", "audioset",
 ]
 
 
-@pytest.mark.parametrize("stage,name", PAPER_RECIPES)
-def test_recipes_list_every_key_a_user_sets(stage, name):
+def recipe_files(stage: str, name: str):
+    """The recipe merged with the files of its defaults list, in that list's order (what the
+    user reads; fairseq's schema defaults left out)."""
     from omegaconf import OmegaConf
 
-    cfg = compose_recipe(stage, name, [])
-    missing = {key for group in ("task", "model", "checkpoint", "common")
-               for key in cfg[group] if OmegaConf.is_missing(cfg[group], key)}
-    expected = {"data", "save_dir", "user_dir"} | ({"pretrained_towers"} if stage == "sync" else set())
-    assert expected <= missing
-    assert cfg.dataset.required_batch_size_multiple == 1
+    primary = OmegaConf.load(CONF / stage / f"{name}.yaml")
+    order = list(primary.pop("defaults", ["_self_"]))
+    parts = [primary if entry == "_self_" else OmegaConf.load(CONF / stage / f"{entry}.yaml") for entry in order]
+    return OmegaConf.merge(*parts)
+
+
+@pytest.mark.parametrize("stage,name", PAPER_RECIPES)
+def test_recipes_list_every_key_a_user_sets(stage, name, tmp_path):
+    from omegaconf import OmegaConf
+
+    written = recipe_files(stage, name)
+    required = [("task", "data"), ("checkpoint", "save_dir"), ("common", "user_dir")]
+    if stage == "sync":
+        required.append(("model", "pretrained_towers"))
+    assert all(OmegaConf.is_missing(written[group], key) for group, key in required)
+    # composing with every required key given works (a key missing from the yaml would fail here)
+    cfg = compose_recipe(stage, name, [f"{group}.{key}={tmp_path}" for group, key in required])
+    assert cfg.dataset.required_batch_size_multiple == 1 and cfg.task.data == str(tmp_path)
+    assert cfg.optimization.clip_norm == 1.0
     if stage == "sync":
         assert cfg.checkpoint.maximize_best_checkpoint_metric and cfg.checkpoint.patience > 0
         assert cfg.optimizer.adam_eps == 1e-7 and cfg.lr_scheduler._name == "tri_stage"
+        assert cfg.optimizer.adam_betas == "(0.9,0.999)" and cfg.optimizer.weight_decay == 0
+        assert cfg.dataset.batch_size == 16 and cfg.task.num_offset_classes == 21
+    if name != "tiny_synthetic":
+        assert cfg.task.crop_size == 224 and cfg.task.resize_short_side == 256
+        if stage == "sync":
+            # 2e-6 x world size
+            assert cfg.optimization.lr[0] == pytest.approx(2e-6 * cfg.distributed_training.distributed_world_size)
+            assert cfg.lr_scheduler.warmup_steps == 1000
+        else:
+            assert cfg.optimization.lr[0] == (5e-5 if name == "lrs3" else 1e-4)
+            assert cfg.lr_scheduler.warmup_updates == 1000 and cfg.optimizer.weight_decay == 0
 
 
 def test_sync_recipe_warms_up_from_one_hundredth_then_stays_constant():

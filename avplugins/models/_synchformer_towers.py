@@ -33,7 +33,7 @@ class SynchformerTowersConfig(FairseqDataclass):
 # stochastic depth do neither), so two configs agreeing on them can share tower weights.
 TOWER_SHAPE_FIELDS = tuple(
     f.name for f in fields(SynchformerTowersConfig)
-    if f.name not in ("num_segments", "video_drop_path", "audio_drop_path")
+    if f.name not in ("_name", "num_segments", "video_drop_path", "audio_drop_path")
 )
 
 

@@ -36,6 +36,7 @@ from avplugins.models.av_data2vec import (
 )
 from avplugins.modules.av_encoder import AVData2VecBackbone
 from avplugins.modules.modality import ModalityScheduler
+from avplugins.modules.span_mask import compute_span_mask
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class AVData2VecSeq2SeqConfig(AVBackboneConfig):
     attention_dropout: float = field(default=0.0, metadata={"help": "encoder attention-weight dropout"})
     activation_dropout: float = field(default=0.1, metadata={"help": "encoder FFN activation dropout"})
     encoder_layerdrop: float = field(default=0.1, metadata={"help": "encoder block skip probability"})
+    # optional span masking of the encoder input while fine-tuning (training only; wav2vec 2.0's
+    # apply_mask, off in AV-HuBERT's recipes)
+    apply_mask: bool = field(default=False, metadata={"help": "span-mask the fused features in training"})
+    mask_prob: float = field(default=0.5, metadata={"help": "span-start rate when apply_mask"})
+    mask_length: int = field(default=10, metadata={"help": "steps per masked span when apply_mask"})
     # optional modality dropout while fine-tuning on audio+video batches (training only)
     finetune_p_av: float = field(
         default=1.0, metadata={"help": "P(audio+video) per utterance in training (1: no modality dropout)"}
@@ -175,6 +181,7 @@ class AVData2VecEncoder(FairseqEncoder):
         output_dropout: dropout on the encoder output.
         modality_scheduler: optional per-utterance modality dropout, in training only and
             only for batches that carry both streams.
+        mask_prob, mask_length: span masking of the fused features in training (0: none).
     """
 
     def __init__(
@@ -183,9 +190,13 @@ class AVData2VecEncoder(FairseqEncoder):
         freeze_finetune_updates: int = 0,
         output_dropout: float = 0.0,
         modality_scheduler: Optional[ModalityScheduler] = None,
+        mask_prob: float = 0.0,
+        mask_length: int = 10,
     ):
         super().__init__(dictionary=None)
         self.backbone = backbone
+        self.mask_prob = mask_prob
+        self.mask_length = mask_length
         self.freeze_finetune_updates = freeze_finetune_updates
         self.output_dropout = nn.Dropout(output_dropout)
         self.modality_scheduler = modality_scheduler
@@ -212,8 +223,13 @@ class AVData2VecEncoder(FairseqEncoder):
             use_audio, use_video = draw_streams(
                 "finetune", self.modality_scheduler, audio.shape[0], self.num_updates, True, True, audio.device
             )
+        mask = None
+        if self.training and self.mask_prob > 0:
+            batch, steps = (audio.shape[0], audio.shape[1]) if audio is not None else (video.shape[0], video.shape[2])
+            device = (audio if audio is not None else video).device
+            mask = compute_span_mask(batch, steps, self.mask_prob, self.mask_length, padding_mask).to(device)
         with torch.no_grad() if self.frozen else torch.enable_grad():
-            x = self.backbone(audio, video, padding_mask, use_audio=use_audio, use_video=use_video)["x"]
+            x = self.backbone(audio, video, padding_mask, mask=mask, use_audio=use_audio, use_video=use_video)["x"]
         x = self.output_dropout(x).transpose(0, 1)
         return {
             "encoder_out": [x],
@@ -254,7 +270,10 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
         scheduler = None
         if cfg.finetune_p_av < 1.0:
             scheduler = ModalityScheduler(cfg.finetune_p_av, cfg.finetune_p_av, cfg.finetune_p_audio, cfg.finetune_p_audio, 0)
-        encoder = AVData2VecEncoder(backbone, cfg.freeze_finetune_updates, cfg.encoder_output_dropout, scheduler)
+        encoder = AVData2VecEncoder(
+            backbone, cfg.freeze_finetune_updates, cfg.encoder_output_dropout, scheduler,
+            mask_prob=cfg.mask_prob if cfg.apply_mask else 0.0, mask_length=cfg.mask_length,
+        )
         dictionary = task.target_dictionary
         if dictionary is None:
             raise ValueError("av_data2vec_seq2seq needs a task with a target dictionary (av_speech_recognition)")
