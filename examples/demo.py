@@ -1,6 +1,6 @@
 """The main job: both systems end to end on the synthetic corpora, reported like a paper.
 
-    python examples/demo.py [--out demo_out] [--device auto|cpu|cuda]
+    python examples/demo.py [--out demo_out] [--seed 0]
 
 Every step runs a public command a user would type (``avplugins-synth``,
 ``python -m preprocess.*``, ``fairseq-hydra-train``, ``fairseq-validate``, ``fairseq-generate``,
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -89,31 +89,47 @@ def _worth_showing(line: str) -> bool:
     return bool(re.search(r"valid on|\| valid|epoch \d+ \||WER|Error|error:|clips in|accuracy_1", line))
 
 
-def user_dir() -> str:
-    import avplugins
-
-    return os.path.dirname(os.path.abspath(avplugins.__file__))
+CORPORA = {
+    # name: avplugins-synth arguments. `speech` (2-4 s utterances) is AV-data2vec's; Synchformer
+    # needs clips of >= 9 s (5 s crops with room for +-2 s offsets) of both kinds.
+    "speech": ["speech", "--num-clips", "200"],
+    "speech_long": ["speech", "--num-clips", "120", "--min-duration", "9", "--max-duration", "11"],
+    "sparse": ["sparse", "--num-clips", "60"],
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(REPO, "demo_out"), help="output folder (reused by a second run)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     out_dir = os.path.abspath(args.out)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    runner = Runner(out_dir, env)
-    data_dir = os.path.join(out_dir, "data")
-    speech_dir = os.path.join(data_dir, "speech")
-    runner.run(Step(
-        "corpus_speech",
-        [tool("avplugins-synth"), "speech", "--out", speech_dir, "--num-clips", "200", "--seed", str(args.seed)],
-        [os.path.join(speech_dir, "corpus.json")],
-    ))
-    stats = json.load(open(os.path.join(speech_dir, "corpus.json")))
-    print(json.dumps(stats.get("stats", stats), indent=1)[:2000])
+    runner = Runner(out_dir, dict(os.environ, PYTHONUNBUFFERED="1"))
+    results_dir = os.path.join(out_dir, "results")
+    os.makedirs(results_dir, exist_ok=True)
+    report = []
+    for name, synth_args in CORPORA.items():
+        corpus_dir = os.path.join(out_dir, "data", name)
+        runner.run(Step(
+            f"corpus_{name}",
+            [tool("avplugins-synth"), *synth_args, "--out", corpus_dir, "--seed", str(args.seed)],
+            [os.path.join(corpus_dir, "corpus.json")],
+        ))
+        report.append(corpus_report(name, corpus_dir))
+    text = "\n\n".join(report)
+    print("\n" + text)
+    with open(os.path.join(results_dir, "corpora.txt"), "w") as handle:
+        handle.write(text + "\n")
+    print(f"\n[demo] results in {results_dir}")
+
+
+def corpus_report(name: str, corpus_dir: str) -> str:
+    """The generator's own statistics table for a finished corpus."""
+    from preprocess.synthetic import format_stats
+
+    corpus = json.load(open(os.path.join(corpus_dir, "corpus.json")))
+    return f"[{name}] " + format_stats(corpus["arguments"]["kind"], corpus_dir, corpus["stats"])
 
 
 if __name__ == "__main__":
