@@ -105,6 +105,15 @@ class AVSyncTaskBase(FairseqTask):
     def is_train_split(self, split: str) -> bool:
         return split == self.cfg.train_subset
 
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's iterator with ``required_batch_size_multiple`` 1: items are whole clips, and
+        fairseq's default multiple of 8 (``fairseq-validate``) would drop batches of fewer clips."""
+        if len(args) >= 5:  # required_batch_size_multiple passed positionally
+            args = (*args[:4], 1, *args[5:])
+        else:
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
     def max_positions(self):
         return None
 
