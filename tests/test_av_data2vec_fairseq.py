@@ -285,6 +285,42 @@ def test_teacher_weights_round_trip_through_the_state_dict():
                    if not k.startswith("pos_conv.") and v.numel() > 1)
 
 
+@pytest.mark.parametrize("checkpoint_has_counter", [True, False])
+def test_teacher_resumes_like_an_uninterrupted_run(checkpoint_has_counter):
+    """fairseq's resume order: ``set_num_updates(N)`` on a fresh model, then the weights saved
+    after update N, then the task's ``set_num_updates(N)`` before update N + 1, which must take
+    the EMA step an uninterrupted run takes there, with the same decay. A checkpoint without
+    ``_ema_updates`` (written before it existed) resumes the same way."""
+    config = {**TINY_PRETRAIN, "ema_decay": 0.5, "ema_end_decay": 0.9, "ema_anneal_end_step": 4}
+    whole = build(config)
+    whole.train()
+    for update in range(2):  # the task calls set_num_updates(N) before optimizer update N + 1
+        whole.set_num_updates(update)
+        with torch.no_grad():
+            for parameter in whole.backbone.parameters():
+                parameter.add_(0.1 * (update + 1))
+    # a checkpoint after update 2 (copies: the teacher's tensors are updated in place)
+    saved = {key: value.clone() for key, value in whole.state_dict().items()}
+    assert int(saved["_ema_updates"]) == 1  # the teacher was last stepped at update 1
+    if not checkpoint_has_counter:
+        del saved["_ema_updates"]
+    whole.set_num_updates(2)
+
+    resumed = build(config)
+    resumed.train()
+    resumed.set_num_updates(2)
+    resumed.load_state_dict(saved)
+    assert resumed.ema.get_decay() == pytest.approx(annealed_decay(0.5, 0.9, 1, 4))
+    resumed.set_num_updates(2)
+    assert resumed.ema.get_decay() == whole.ema.get_decay() == pytest.approx(annealed_decay(0.5, 0.9, 2, 4))
+    for key, value in whole.ema.model.state_dict().items():
+        assert torch.equal(resumed.ema.model.state_dict()[key], value), key
+    resumed.set_num_updates(2)  # no second step for the same update
+    assert int(resumed.state_dict()["_ema_updates"]) == 2
+    for key, value in whole.ema.model.state_dict().items():
+        assert torch.equal(resumed.ema.model.state_dict()[key], value), key
+
+
 def test_audio_only_teacher_refuses_video_only_batches():
     model = build(TINY_PRETRAIN)
     batch = av_batch()

@@ -19,7 +19,8 @@ import torch
 from fairseq.data import FairseqDataset, data_utils
 
 from avplugins.data.features import av_data2vec_audio_features
-from avplugins.data.manifest import ManifestEntry, read_manifest
+from avplugins.data.invalid_items import SKIP_HINT, SkipsInvalidItems
+from avplugins.data.manifest import ManifestEntry, select_labels, validate_manifest
 from avplugins.data.media import MediaError, read_audio, read_video
 from avplugins.data.noise import NoiseBank, mix_at_snr
 from avplugins.data.transforms import MOUTH_CROP_SIZE, av_data2vec_video_transform
@@ -51,20 +52,22 @@ class NoiseConfig:
     prob: float = 1.0
 
 
-class AVSpeechDataset(FairseqDataset):
+class AVSpeechDataset(SkipsInvalidItems, FairseqDataset):
     """Utterances of an AV-HuBERT manifest as fairseq batches (see the module docstring).
 
     Args:
         manifest_path: ``{split}.tsv``.
         modalities: streams to decode (``audio``, ``video``).
         train: random windows / crops / flips and per-epoch randomness; else deterministic.
-        labels: optional token tensors (eos-terminated), one per manifest row.
+        labels: optional token tensors (eos-terminated), one per manifest row (every line
+            after the root line, including rows left out here).
         pad_index, eos_index: dictionary indices for collating labels.
         crop_size: mouth crop (pixels) taken from each frame.
         max_frames: longer utterances are cut to a window of this many frames (25 fps).
         min_frames: rows with fewer video frames are left out.
         noise: optional additive noise for the audio.
-        skip_invalid: skip utterances that fail to decode (logged and counted).
+        skip_invalid: leave out malformed manifest rows and skip utterances that fail to
+            load (logged and counted; see :mod:`avplugins.data.invalid_items`).
         seed: base seed of all randomness.
         image_size: resize the stored frames to this square size before cropping (None:
             as stored, e.g. 96 x 96 mouth ROIs).
@@ -94,9 +97,14 @@ class AVSpeechDataset(FairseqDataset):
         self.manifest_path = manifest_path
         self.modalities = parse_modalities(modalities)
         self.train = train
-        _, entries = read_manifest(manifest_path)
-        if labels is not None and len(labels) != len(entries):
-            raise ValueError(f"{manifest_path}: {len(entries)} rows but {len(labels)} labels")
+        entries, report = validate_manifest(
+            manifest_path, check_files=False, skip_invalid=skip_invalid, skip_hint=SKIP_HINT
+        )
+        num_rows = report.num_ok + report.num_skipped
+        if labels is not None:
+            if len(labels) != num_rows:
+                raise ValueError(f"{manifest_path}: {num_rows} rows but {len(labels)} labels")
+            labels = select_labels(entries, labels)
         keep = [i for i, entry in enumerate(entries) if self._has_streams(entry) and entry.num_video_frames >= min_frames]
         if len(keep) < len(entries):
             logger.warning(
@@ -109,17 +117,16 @@ class AVSpeechDataset(FairseqDataset):
         self.crop_size = crop_size
         self.max_frames = max_frames
         self.noise = noise
-        self.skip_invalid = skip_invalid
         self.seed = seed
         self.image_size = image_size
         self.cache_media = cache_media
         self._media_cache: Dict[int, Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = {}
         self._feature_cache: Dict[Tuple[int, int, int], np.ndarray] = {}
         self.epoch = 1
-        self.num_skipped = 0
         self.sizes = np.array(
             [min(e.num_video_frames, max_frames or e.num_video_frames) for e in self.entries], dtype=np.int64
         )
+        self.init_skipping(skip_invalid, self.sizes)
 
     def _has_streams(self, entry: ManifestEntry) -> bool:
         return all(getattr(entry, f"{name}_path") for name in self.modalities)
@@ -235,16 +242,6 @@ class AVSpeechDataset(FairseqDataset):
                 return features
             self._feature_cache[key] = features
         return self._feature_cache[key]
-
-    def __getitem__(self, index: int) -> Optional[dict]:
-        try:
-            return self.load_item(index)
-        except (MediaError, ValueError) as error:
-            if not self.skip_invalid:
-                raise
-            self.num_skipped += 1
-            logger.warning("skipping %s (%s); %d skipped so far", self.entries[index].id, error, self.num_skipped)
-            return None
 
     def collater(self, items: List[Optional[dict]]) -> dict:
         items = [item for item in items if item is not None]

@@ -211,6 +211,12 @@ def read_manifest(tsv_path: str) -> Tuple[str, List[ManifestEntry]]:
     return root, entries
 
 
+def count_rows(tsv_path: str) -> int:
+    """Clip rows of a ``.tsv``: every line after the root line, valid or not (what its
+    ``.wrd`` must have one transcript line for)."""
+    return max(0, len(_read_text_lines(tsv_path)) - 1)
+
+
 RowLike = Union[ManifestEntry, Sequence]
 
 
@@ -282,7 +288,8 @@ def read_labels(wrd_path: str, num_entries: Optional[int] = None, manifest_path:
         raise _error(
             wrd_path, len(labels) + 1,
             f"{len(labels)} transcript lines but {manifest_path} has {num_entries} rows",
-            "Write exactly one transcript line per manifest row, in the same order",
+            "Write exactly one transcript line per manifest row, in the same order (rows cannot be "
+            "skipped: which transcript belongs to which row is unknown)",
         )
     return labels
 
@@ -333,16 +340,18 @@ def _entry_problem(entry: ManifestEntry, check_files: bool, check_counts: bool) 
 
 
 def validate_manifest(
-    tsv_path: str, check_files: bool = True, check_counts: bool = False, skip_invalid: bool = False
+    tsv_path: str, check_files: bool = True, check_counts: bool = False, skip_invalid: bool = False,
+    skip_hint: Optional[str] = None,
 ) -> Tuple[List[ManifestEntry], ValidationReport]:
     """Check a ``.tsv`` row by row: format, and optionally that media files exist
     (``check_files``) and that counts match decoding (``check_counts``: within 1 frame at
     25 fps / 640 samples at 16 kHz).
 
     Returns (entries that passed, report). Without ``skip_invalid`` the first problem raises
-    ``ManifestError`` (its message tells how many more there are); with it bad rows are
-    dropped, listed in the report and summarised with ``logging.warning``. File-level
-    problems (empty file, no root line, non-UTF-8 bytes) always raise.
+    ``ManifestError`` (its message tells how many more there are, and ends with ``skip_hint``,
+    e.g. the option that skips rows); with it bad rows are dropped, listed in the report and
+    summarised with ``logging.warning``. File-level problems (empty file, no root line,
+    non-UTF-8 bytes) always raise.
     """
     _, parsed, problems = _parse_manifest(tsv_path)
     entries_ok = []
@@ -356,7 +365,7 @@ def validate_manifest(
     if problems and not skip_invalid:
         line_number, _, problem, fix = problems[0]
         more = f" ({len(problems) - 1} more problems in this file)" if len(problems) > 1 else ""
-        raise _error(tsv_path, line_number, problem + more, fix)
+        raise _error(tsv_path, line_number, problem + more, fix if skip_hint is None else f"{fix}; {skip_hint}")
     report = ValidationReport(num_ok=len(entries_ok), problems=[(ln, eid, msg) for ln, eid, msg, _ in problems])
     if problems:
         logger.warning("skipping invalid manifest rows\n%s", report.summary(tsv_path))

@@ -44,6 +44,9 @@ _PCM_SCALE = 32768.0
 # how far the packets may end before that duration without calling the file truncated.
 _INDEXED_FORMATS = {"mp4", "matroska"}
 _TRUNCATION_TOLERANCE_S = Fraction(1, 10)
+# Decoded frames one read may return: more means full-resolution frames of a long or huge
+# video that the caller forgot to scale (``size=``), which would exhaust memory.
+MAX_DECODED_BYTES = 4 * 2**30
 
 _HINT_CORRUPT = ("check that the file is complete and plays (ffprobe FILE); re-encode it, e.g. "
                  "`ffmpeg -i FILE -c:v libx264 -pix_fmt yuv420p -c:a aac OUT.mp4`")
@@ -105,7 +108,12 @@ def _open_input(path) -> Iterator[av.container.InputContainer]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MediaError(path, "no such file; check the path (relative paths start at the current directory)")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if os.path.isdir(path):
+        raise MediaError(path, "is a directory, not a media file; pass the path of a file")
+    if not os.path.isfile(path):
+        # FFmpeg would block forever opening a named pipe that has no writer
+        raise MediaError(path, "is not a regular file (a named pipe or a device); copy the media into a file")
+    if os.path.getsize(path) == 0:
         raise MediaError(path, "the file is empty (0 bytes); it was not written completely, create it again")
     with _converted_errors(path):
         container = av.open(path, mode="r")
@@ -351,19 +359,25 @@ def read_video(path, start_s=0.0, duration_s=None, fps=None, gray=False, size=No
         else:
             max_frames = None if duration_s is None else round(float(duration_s) * float(rate))
             chosen = _frames_at_rate(timed_frames, start, rate, max_frames, lambda: reader.end_s)
-        images = _frames_to_arrays(chosen, gray, height, width)
+        images = _frames_to_arrays(chosen, gray, height, width, path)
     shape = (height, width) if gray else (height, width, 3)
     return np.stack(images) if images else np.zeros((0,) + shape, np.uint8)
 
 
-def _frames_to_arrays(frames, gray: bool, height: int, width: int) -> List[np.ndarray]:
-    """Convert frames to (H, W, 3) RGB or (H, W) luma arrays, once per distinct frame."""
+def _frames_to_arrays(frames, gray: bool, height: int, width: int, path) -> List[np.ndarray]:
+    """Convert frames to (H, W, 3) RGB or (H, W) luma arrays, once per distinct frame;
+    MediaError before they pass :data:`MAX_DECODED_BYTES`."""
     # One single-threaded scaler for the whole call: a new multi-threaded swscale context
     # per frame (to_ndarray's default) costs ~30x the conversion of a small frame.
     reformatter = VideoReformatter()
     images = []
     last_frame, last_image = None, None
+    frame_bytes = height * width * (1 if gray else 3)
     for frame in frames:
+        if (len(images) + 1) * frame_bytes > MAX_DECODED_BYTES:
+            raise MediaError(path, f"more than {MAX_DECODED_BYTES / 2**30:g} GiB of decoded {width}x{height} "
+                                   "frames (W x H); read a shorter window or scale the frames while "
+                                   "decoding (size=, e.g. the tasks' image_size / resize_short_side)")
         if frame is not last_frame:
             last_frame = frame
             last_image = reformatter.reformat(frame, format="gray" if gray else "rgb24", width=width,
@@ -424,6 +438,10 @@ def _decode_native_audio(reader: _StreamReader, sample_rate: int, first: int, st
     need_s = Fraction(first, sample_rate) - _AUDIO_DECODER_WARMUP_S
     for frame, time_s in reader.frames_from(need_s):
         samples = _frame_to_mono(frame)
+        if not np.isfinite(samples).all():
+            where = "" if time_s is None else f" near {float(time_s):.3f} s"
+            raise MediaError(reader.path, f"the audio has NaN or infinite samples{where}; it was written from "
+                                          "broken data, create it again")
         index = expected if time_s is None else round(time_s * sample_rate)
         if expected is not None and abs(index - expected) <= tolerance:
             index = expected

@@ -12,7 +12,6 @@ normalised log-mels, "offset_s", "offset_target", "sync_target"}``. Every random
 comes from a generator seeded by (seed, epoch, index), so a resumed run sees the same samples.
 """
 import csv
-import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,12 +21,11 @@ from fairseq.data import FairseqDataset
 
 from avplugins.data import sync_sampling
 from avplugins.data.features import synchformer_audio_features
-from avplugins.data.manifest import ManifestEntry, read_manifest
+from avplugins.data.invalid_items import SKIP_HINT, SkipsInvalidItems
+from avplugins.data.manifest import ManifestEntry, validate_manifest
 from avplugins.data.media import MediaError, probe, read_audio, read_video
 from avplugins.data.sync_sampling import SegmentLayout
 from avplugins.data.transforms import synchformer_video_transform
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,13 +100,15 @@ def short_side_size(height: int, width: int, short_side: int) -> Tuple[int, int]
     return max(1, round(height * short_side / width)), short_side
 
 
-class AVClipDataset(FairseqDataset):
+class AVClipDataset(SkipsInvalidItems, FairseqDataset):
     """Manifest access, window decoding, segmentation and collation shared by both stages.
 
     Subclasses choose windows (:meth:`sample_window`) and may change how an item is made from
     a window (:meth:`load_item`); ``input_keys`` are the item entries collated into
     ``net_input``. ``decoded_clips`` (a ``sync_feature_cache.DecodedClips`` of the split, decoded
-    with the same settings) replaces decoding the media files.
+    with the same settings) replaces decoding the media files. With ``config.skip_invalid``
+    malformed manifest rows are left out and clips that fail to load are skipped (see
+    :mod:`avplugins.data.invalid_items`).
     """
 
     input_keys: Tuple[str, ...] = ("video", "audio")
@@ -124,9 +124,11 @@ class AVClipDataset(FairseqDataset):
         self.layout = config.layout
         self.train = train
         self.decoded_clips = decoded_clips
-        _, self.entries = read_manifest(manifest_path)
+        self.entries, _ = validate_manifest(
+            manifest_path, check_files=False, skip_invalid=config.skip_invalid, skip_hint=SKIP_HINT
+        )
+        self.init_skipping(config.skip_invalid)
         self.epoch = 1
-        self.num_skipped = 0
         self._frame_sizes: Dict[str, Tuple[int, int]] = {}
 
     def __len__(self) -> int:
@@ -160,6 +162,8 @@ class AVClipDataset(FairseqDataset):
             return None
         if entry.video_path not in self._frame_sizes:
             info = probe(entry.video_path)
+            if not info.has_video:
+                raise MediaError(entry.video_path, "has no video stream (audio only?); pass a video file")
             self._frame_sizes[entry.video_path] = short_side_size(
                 info.height, info.width, self.config.resize_short_side
             )
@@ -255,18 +259,6 @@ class AVClipDataset(FairseqDataset):
     def offset_class(self, offset_s: float) -> int:
         return 0
 
-    def __getitem__(self, index: int) -> Optional[dict]:
-        try:
-            return self.load_item(index)
-        except (MediaError, ValueError) as error:
-            if not self.config.skip_invalid:
-                raise
-            self.num_skipped += 1
-            logger.warning(
-                "skipping %s (%s); %d skipped so far", self.entries[index].id, error, self.num_skipped
-            )
-            return None
-
     def collater(self, items: List[Optional[dict]]) -> dict:
         items = [item for item in items if item is not None]
         if not items:
@@ -293,8 +285,9 @@ class AVSegmentDataset(AVClipDataset):
         slack = entry.num_video_frames - layout.span_frames
         if slack < 0:
             raise ValueError(
-                f"{entry.id} (line {entry.line_number}): {entry.num_video_frames} frames is shorter than "
-                f"the {layout.span_frames} frames of {layout.num_segments} segments; filter short clips"
+                f"{self.manifest_path} line {entry.line_number} ({entry.id}): {entry.num_video_frames} frames "
+                f"is shorter than the {layout.span_frames} frames of {layout.num_segments} segments; "
+                "filter short clips"
             )
         video_start = int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
         audio_start = sync_sampling.audio_start_sample(video_start, 0.0, layout)

@@ -20,7 +20,9 @@ The teacher decay moves linearly from ``ema_decay`` (tau0) to ``ema_end_decay`` 
 ``ema_anneal_end_step`` updates, then stays; the teacher takes one EMA step per optimizer
 update (``set_num_updates`` with a new update number), so gradient accumulation
 (``update_freq``) does not step it several times. Its weights are saved in the checkpoint
-under ``_ema.*`` keys.
+under ``_ema.*`` keys, and the update it was last stepped at under ``_ema_updates``, so a
+resumed run steps it exactly when an uninterrupted one would (fairseq calls
+``set_num_updates`` with the saved update number before it loads the weights).
 """
 import logging
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 FUSION_CHOICES = ChoiceEnum(["add", "concat"])
 TEACHER_STATE_PREFIX = "_ema."
+TEACHER_UPDATES_KEY = "_ema_updates"
 
 
 @dataclass
@@ -256,6 +259,7 @@ class AVData2VecModel(BaseFairseqModel):
         )
         self.ema: Optional[EMAModule] = None  # not a submodule: no gradients, not in the optimizer
         self.num_updates = 0
+        self.teacher_updates = 0  # the update number the teacher was created or last stepped at
 
     @classmethod
     def build_model(cls, cfg: AVData2VecConfig, task=None):
@@ -273,16 +277,20 @@ class AVData2VecModel(BaseFairseqModel):
         prefix = "pos_conv." if self.cfg.ema_transformer_only else "encoder.pos_conv."
         return {f"{prefix}{name}" for name, _ in self.backbone.encoder.pos_conv.named_parameters()}
 
-    def make_teacher(self) -> EMAModule:
-        """(Re)create the teacher as a copy of the student (fp32 master weights)."""
+    def teacher_decay(self, update: int) -> float:
+        """The teacher decay at ``update`` (see :func:`annealed_decay`)."""
+        return annealed_decay(self.cfg.ema_decay, self.cfg.ema_end_decay, update, self.cfg.ema_anneal_end_step)
+
+    def make_teacher(self, update: Optional[int] = None) -> EMAModule:
+        """(Re)create the teacher as a copy of the student (fp32 master weights), with the
+        decay of ``update`` (default: the model's update number)."""
+        self.teacher_updates = self.num_updates if update is None else update
         self.ema = EMAModule(
             self._teacher_source(),
             EMAModuleConfig(ema_decay=self.cfg.ema_decay, ema_fp32=True),
             skip_keys=self._teacher_skip_keys(),
         )
-        self.ema.set_decay(annealed_decay(
-            self.cfg.ema_decay, self.cfg.ema_end_decay, self.num_updates, self.cfg.ema_anneal_end_step
-        ))
+        self.ema.set_decay(self.teacher_decay(self.teacher_updates))
         return self.ema
 
     def teacher(self) -> nn.Module:
@@ -296,36 +304,46 @@ class AVData2VecModel(BaseFairseqModel):
         return self.ema.model
 
     def set_num_updates(self, num_updates: int) -> None:
-        """Anneal the teacher decay and take one EMA step per new optimizer update."""
+        """Anneal the teacher decay and take one EMA step per new optimizer update.
+
+        The step is due when ``num_updates`` is past the update the teacher was last stepped
+        at (not the model's own counter, which fairseq sets before loading a checkpoint)."""
         super().set_num_updates(num_updates)
+        self.num_updates = num_updates
         if self.ema is None:
-            self.make_teacher()
-        elif self.training and num_updates > self.num_updates:
-            decay = annealed_decay(
-                self.cfg.ema_decay, self.cfg.ema_end_decay, num_updates, self.cfg.ema_anneal_end_step
-            )
+            self.make_teacher(num_updates)
+        elif self.training and num_updates > self.teacher_updates:
+            decay = self.teacher_decay(num_updates)
             self.ema.set_decay(decay)
             if decay < 1.0:
                 self.teacher()  # on the student's device before averaging
                 self.ema.step(self._teacher_source())
-        self.num_updates = num_updates
+            self.teacher_updates = num_updates
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):
         state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         if self.ema is not None:
             for key, value in self.ema.fp32_params.items():
                 state[prefix + TEACHER_STATE_PREFIX + key] = value
+            state[prefix + TEACHER_UPDATES_KEY] = torch.tensor(self.teacher_updates, dtype=torch.long)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Load the student, then the teacher and its update number. A checkpoint written
+        before ``_ema_updates`` existed comes from a trainer that saves after update N, when
+        the teacher was last stepped at update N - 1 (fairseq has already set N here)."""
         teacher_prefix = prefix + TEACHER_STATE_PREFIX
         teacher_keys = [key for key in state_dict if key.startswith(teacher_prefix)]
         teacher_state = {key[len(teacher_prefix):]: state_dict.pop(key) for key in teacher_keys}
+        saved_updates = state_dict.pop(prefix + TEACHER_UPDATES_KEY, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if teacher_state:
+            teacher_updates = max(self.num_updates - 1, 0) if saved_updates is None else int(saved_updates)
             if self.ema is None:
-                self.make_teacher()
+                self.make_teacher(teacher_updates)
             self.ema.restore(teacher_state, build_fp32_params=True)
+            self.teacher_updates = teacher_updates
+            self.ema.set_decay(self.teacher_decay(teacher_updates))
 
     # --- forward -------------------------------------------------------------------------
     @torch.no_grad()

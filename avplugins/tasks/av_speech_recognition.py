@@ -20,7 +20,7 @@ from fairseq.tasks import register_task
 from omegaconf import open_dict
 
 from avplugins.data.av_speech_dataset import AVSpeechDataset, NoiseConfig, parse_modalities
-from avplugins.data.manifest import read_labels, read_manifest
+from avplugins.data.manifest import count_rows, read_labels
 from avplugins.data.noise import NoiseBank
 from avplugins.tasks._av_speech_base import AVSpeechDataConfig, AVSpeechTaskBase
 
@@ -151,7 +151,6 @@ class AVSpeechRecognitionTask(AVSpeechTaskBase):
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, task_cfg=None, **kwargs):
         manifest = self.manifest_path(split)
-        _, entries = read_manifest(manifest)
         train = self.is_train_split(split)
         modalities = self.modalities_for(task_cfg)
         logger.info("%s: input streams %s", split, "+".join(modalities))
@@ -159,7 +158,7 @@ class AVSpeechRecognitionTask(AVSpeechTaskBase):
             manifest,
             modalities=modalities,
             train=train,
-            labels=self.load_labels(split, len(entries)),
+            labels=self.load_labels(split, count_rows(manifest)),
             pad_index=self.dictionary.pad(),
             eos_index=self.dictionary.eos(),
             max_frames=self.cfg.max_frames if train else None,
