@@ -7,7 +7,7 @@ memory-efficient, CPU flash) are used wherever PyTorch has them. Checkpoints of 
 projects with separate query/key/value projections are remapped onto the fused ``qkv``
 projection by the importers in ``avplugins.convert``.
 """
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,11 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.proj_dropout = nn.Dropout(proj_dropout)
 
+    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, 3D) output of ``qkv`` -> query, key, value, each a (B, H, N, Dh) view (no copy)."""
+        heads = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, N, 3, H, Dh)
+        return heads.permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -107,8 +112,7 @@ class MultiHeadAttention(nn.Module):
             (B, N, D)
         """
         batch, num_tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        query, key, value = self.split_heads(self.qkv(x))
         mask = attn_mask
         if key_padding_mask is not None:
             keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N)

@@ -31,7 +31,9 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
     """Self-attention restricted to one axis of a (t, p) token grid, with a global CLS token.
 
     Same parameters as :class:`MultiHeadAttention` (fused ``qkv``, ``proj``); only the
-    attention pattern differs.
+    attention pattern differs. The projected tokens are regrouped with one copy, each group
+    led by its own copy of the CLS row, so that one fused attention call serves all groups
+    with heads as strided views; the outputs are written back in place with one more copy.
     """
 
     def forward(  # type: ignore[override]
@@ -52,32 +54,28 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
         num_patches = (num_tokens - 1) // num_slots
         if num_slots * num_patches != num_tokens - 1:
             raise ValueError(f"{num_tokens - 1} patch tokens do not split into {num_slots} slots")
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
         dropout_p = self.attn_dropout if self.training else 0.0
+        qkv = self.qkv(x)  # (B, N, 3D)
+        query, key, value = self.split_heads(qkv)
         cls_out = F.scaled_dot_product_attention(query[:, :, :1], key, value, dropout_p=dropout_p)
 
-        def groups(tokens: torch.Tensor) -> torch.Tensor:
-            """(B, H, t * p, Dh) patch tokens -> (B, H, G, L, Dh) attention groups."""
-            grid = tokens.reshape(batch, self.num_heads, num_slots, num_patches, self.head_dim)
-            return grid if axis == SPACE else grid.transpose(2, 3)
-
-        patch_query = groups(query[:, :, 1:])
-        num_groups = patch_query.shape[2]
-        # every group also sees the CLS key/value
-        cls_key = key[:, :, None, :1].expand(-1, -1, num_groups, -1, -1)
-        cls_value = value[:, :, None, :1].expand(-1, -1, num_groups, -1, -1)
-        group_key = torch.cat((cls_key, groups(key[:, :, 1:])), dim=3)
-        group_value = torch.cat((cls_value, groups(value[:, :, 1:])), dim=3)
-        # heads x groups as one batch axis: the fused SDPA kernels take 4-D inputs
-        patch_out = F.scaled_dot_product_attention(
-            patch_query.flatten(1, 2), group_key.flatten(1, 2), group_value.flatten(1, 2),
-            dropout_p=dropout_p,
-        ).unflatten(1, (self.num_heads, num_groups))  # (B, H, G, L, Dh)
+        grid = qkv[:, 1:].unflatten(1, (num_slots, num_patches))  # (B, t, p, 3D)
         if axis == TIME:
-            patch_out = patch_out.transpose(2, 3)
-        patch_out = patch_out.reshape(batch, self.num_heads, num_tokens - 1, self.head_dim)
-        out = torch.cat((cls_out, patch_out), dim=2).transpose(1, 2).reshape(batch, num_tokens, dim)
+            grid = grid.transpose(1, 2)
+        num_groups, group_size = grid.shape[1:3]
+        # (B * G, 1 + L, 3D): every group also sees the CLS key/value (its CLS query is unused)
+        cls_rows = qkv[:, None, :1].expand(-1, num_groups, -1, -1)
+        grouped = torch.cat((cls_rows, grid), dim=2).flatten(0, 1)
+        query, key, value = self.split_heads(grouped)
+        patch_out = F.scaled_dot_product_attention(
+            query[:, :, 1:], key, value, dropout_p=dropout_p
+        )  # (B * G, H, L, Dh)
+        patch_out = patch_out.transpose(1, 2).reshape(batch, num_groups, group_size, dim)
+        if axis == TIME:
+            patch_out = patch_out.transpose(1, 2)
+        out = x.new_empty(batch, num_tokens, dim)
+        out[:, :1] = cls_out.transpose(1, 2).reshape(batch, 1, dim)
+        out[:, 1:].unflatten(1, (num_slots, num_patches)).copy_(patch_out)
         return self.proj_dropout(self.proj(out))
 
 
