@@ -54,7 +54,7 @@ BEEP_S = 0.08
 # valid/test: (offset, video crop start) per clip; the flash and the beep stay inside both crops
 FIXED = {"valid": [(-0.8, 2.0), (0.0, 2.4), (1.2, 2.8)], "test": [(0.4, 2.4), (-1.6, 3.0)]}
 STAGE2_LAYOUT = SegmentLayout(num_segments=14, segment_frames=16, stride_frames=8)
-TINY_TOWERS = {"audio_stride": 16}
+TINY_TOWERS = {"video_tubelet_size": 16, "audio_patch_size": 64, "audio_stride": 64}
 
 
 def flash_clip(flash_s: float, seed: int):
