@@ -19,12 +19,7 @@ from av_data2vec_pretrain import saved_activation_bytes  # noqa: E402
 from data_loading import raw_decode_video  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_pretraining_batch(steps=16, size=24):

@@ -50,12 +50,7 @@ UNSKIPPABLE = "rows cannot be skipped"
 MAX_UPDATE = {"synchformer": 2, "av_data2vec": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- corpus -----------------------------------------------------------------------------------
