@@ -12,6 +12,10 @@ the paper's settings (14 segments of 16 frames, 224 crops, short side 256, 5 s c
 Raw PyAV = open the files with ``av``, seek to the window, decode every video frame of the
 window to uint8 (gray or RGB24, one single-threaded converter per file) and every audio frame
 to float32, nothing else: the floor any loader pays. Each dataset runs in a forked process (as a DataLoader worker is), one thread.
+
+``av_sync`` items are 135 MB of float32 each (14 x 16 frames at 224), so first-touch page faults
+of fresh tensors weigh on the transform and the collation: run with ``THP_MEM_ALLOC_ENABLE=1``
+(PyTorch's CPU allocator then asks for transparent huge pages) to see that part shrink.
 """
 import argparse
 import multiprocessing

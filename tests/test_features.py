@@ -219,6 +219,8 @@ def test_av_data2vec_audio_features_pipeline():
     np.testing.assert_array_equal(feat.av_data2vec_audio_features(samples, 20), expected_rows[:20])
 
 
-def test_logfbank_rejects_multichannel_audio():
+def test_logfbank_rejects_multichannel_and_empty_audio():
     with pytest.raises(ValueError, match=r"mono with shape \(N,\), got shape \(2, 100\)"):
         feat.logfbank_features(np.zeros((2, 100)))
+    with pytest.raises(ValueError, match="audio has no samples"):
+        feat.logfbank_features(np.zeros(0, np.float32))

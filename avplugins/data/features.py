@@ -12,6 +12,7 @@ the AudioSet statistics of AST. Order as in the official transform sequence
 (``AudioMelSpectrogram -> AudioLog -> PadOrTruncate -> AudioNormalizeAST``).
 """
 import functools
+import math
 from typing import Optional
 
 import numpy as np
@@ -25,6 +26,12 @@ AV_HUBERT_SAMPLE_RATE = 16000
 INT16_SCALE = 32768.0  # float samples in [-1, 1] -> the int16 values AV-HuBERT reads from wav
 AUDIO_STACK_ORDER = 4  # 100 Hz filterbank frames per 25 Hz video frame
 FEATURE_LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default
+# python_speech_features.logfbank's defaults, which AV-HuBERT uses
+LOGFBANK_FRAME_S = 0.025
+LOGFBANK_HOP_S = 0.010
+LOGFBANK_N_FFT = 512
+LOGFBANK_NUM_FILTERS = 26
+LOGFBANK_PREEMPHASIS = 0.97
 
 # --- Synchformer / AST ---------------------------------------------------------------------
 SYNCHFORMER_SAMPLE_RATE = 16000
@@ -63,9 +70,43 @@ def logfbank_features(samples: np.ndarray, sample_rate: int = AV_HUBERT_SAMPLE_R
 
     The samples are scaled to the int16 range first because AV-HuBERT feeds the int16 values of
     ``scipy.io.wavfile.read`` to ``logfbank`` and the log energies depend on the scale.
+    The library's steps (pre-emphasis, zero-padded framing, power spectrum, filterbank, log of
+    the energies with 0 replaced by eps) are done here with a strided view of the frames and a
+    filterbank built once per rate, instead of its index arrays and per-call filter loops.
     """
     samples = _check_mono(samples).astype(np.float64) * INT16_SCALE
-    return python_speech_features.logfbank(samples, samplerate=sample_rate).astype(np.float32)
+    if len(samples) == 0:
+        raise ValueError("audio has no samples: logfbank needs at least one; skip empty utterances")
+    frame_length = _round_half_up(LOGFBANK_FRAME_S * sample_rate)
+    hop_length = _round_half_up(LOGFBANK_HOP_S * sample_rate)
+    emphasized = np.empty_like(samples)
+    emphasized[0] = samples[0]
+    np.subtract(samples[1:], LOGFBANK_PREEMPHASIS * samples[:-1], out=emphasized[1:])
+    num_frames = 1 + max(0, -(-(len(samples) - frame_length) // hop_length))
+    padded = np.zeros((num_frames - 1) * hop_length + frame_length)
+    padded[: len(samples)] = emphasized
+    frames = np.lib.stride_tricks.sliding_window_view(padded, frame_length)[::hop_length]
+    # |X|^2 / n_fft as python_speech_features computes it (abs, then square), so that the
+    # energies are bit-equal to the library's
+    power = np.square(np.abs(np.fft.rfft(frames, LOGFBANK_N_FFT))) / LOGFBANK_N_FFT
+    energies = power @ _logfbank_filters(sample_rate).T
+    energies[energies == 0] = np.finfo(np.float64).eps
+    return np.log(energies).astype(np.float32)
+
+
+def _round_half_up(value: float) -> int:
+    """The library's rounding of frame lengths (samples), e.g. 1102.5 -> 1103."""
+    return int(math.floor(value + 0.5))
+
+
+@functools.lru_cache(maxsize=None)
+def _logfbank_filters(sample_rate: int) -> np.ndarray:
+    """(26, 257) python_speech_features' triangular Mel filters over 0 .. sample_rate / 2."""
+    filters = python_speech_features.get_filterbanks(
+        LOGFBANK_NUM_FILTERS, LOGFBANK_N_FFT, sample_rate, 0, sample_rate / 2
+    )
+    filters.setflags(write=False)
+    return filters
 
 
 def stack_frames(features: np.ndarray, stack_order: int = AUDIO_STACK_ORDER) -> np.ndarray:

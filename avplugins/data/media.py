@@ -48,6 +48,9 @@ _TRUNCATION_TOLERANCE_S = Fraction(1, 10)
 # video that the caller forgot to scale (``size=``), which would exhaust memory.
 MAX_DECODED_BYTES = 4 * 2**30
 
+# FFmpeg reads this many bytes to probe a file whose header already says everything (WAV).
+_HEADER_ONLY_PROBE = {"probesize": "32"}
+
 _HINT_CORRUPT = ("check that the file is complete and plays (ffprobe FILE); re-encode it, e.g. "
                  "`ffmpeg -i FILE -c:v libx264 -pix_fmt yuv420p -c:a aac OUT.mp4`")
 
@@ -116,11 +119,35 @@ def _open_input(path) -> Iterator[av.container.InputContainer]:
     if os.path.getsize(path) == 0:
         raise MediaError(path, "the file is empty (0 bytes); it was not written completely, create it again")
     with _converted_errors(path):
-        container = av.open(path, mode="r")
+        container = _open_probed(path)
         try:
             yield container
         finally:
             container.close()
+
+
+def _is_wav(path: str) -> bool:
+    """Whether the file starts with a RIFF (or RF64) WAVE header."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    return head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE"
+
+
+def _open_probed(path: str) -> av.container.InputContainer:
+    """``av.open(path)``; a WAV file is opened from its header alone.
+
+    A WAV header declares its one stream completely, but FFmpeg's default probing still reads
+    and parses up to seconds of samples to "find" the stream's parameters: 8-10 ms per open, more
+    than decoding a 3 s utterance. If the header left the rate or channels unknown, the file is
+    opened again with the default probing.
+    """
+    if _is_wav(path):
+        container = av.open(path, mode="r", container_options=_HEADER_ONLY_PROBE)
+        audio = container.streams.audio
+        if audio and all(stream.codec_context.sample_rate and stream.codec_context.channels for stream in audio):
+            return container
+        container.close()
+    return av.open(path, mode="r")
 
 
 def _video_stream(container, path=None):
@@ -182,18 +209,28 @@ class _StreamReader:
                  fallback_duration_s: Fraction = Fraction(0)):
         self.container = container
         self.stream = stream
+        self.time_base = stream.time_base  # PyAV builds a new Fraction on every access
         self.path = path
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.origin_s = _timeline_origin(container)
         self.fallback_duration_s = fallback_duration_s
-        self.end_s: Optional[Fraction] = None
         self.durations_known = True
         self._seeked = False
+        # Latest packet end as an integer timestamp (packets with a duration) and in seconds
+        # (packets without one); integers keep the per-packet bookkeeping cheap.
+        self._end_pts: Optional[int] = None
+        self._fallback_end_s: Optional[Fraction] = None
+
+    @property
+    def end_s(self) -> Optional[Fraction]:
+        """The latest packet end seen (seconds from the origin), None before any packet."""
+        ends = [end for end in (self.seconds(self._end_pts), self._fallback_end_s) if end is not None]
+        return max(ends) if ends else None
 
     def seconds(self, pts: Optional[int]) -> Optional[Fraction]:
         """A timestamp in stream time base as seconds from the origin."""
-        return None if pts is None else pts * self.stream.time_base - self.origin_s
+        return None if pts is None else pts * self.time_base - self.origin_s
 
     def check_deadline(self) -> None:
         """MediaError once the call has run longer than ``timeout_s``."""
@@ -204,14 +241,17 @@ class _StreamReader:
     def note(self, packet: av.Packet) -> None:
         """Account for a demuxed packet of this stream in ``end_s`` (and check the deadline)."""
         self.check_deadline()
-        if packet.pts is None:
+        pts = packet.pts
+        if pts is None:
             return
-        duration_s = packet.duration * self.stream.time_base if packet.duration else None
-        if duration_s is None:
-            self.durations_known = False
-            duration_s = self.fallback_duration_s
-        packet_end_s = self.seconds(packet.pts) + duration_s
-        self.end_s = packet_end_s if self.end_s is None else max(self.end_s, packet_end_s)
+        duration = packet.duration
+        if duration:
+            end_pts = pts + duration
+            self._end_pts = end_pts if self._end_pts is None else max(self._end_pts, end_pts)
+            return
+        self.durations_known = False
+        packet_end_s = self.seconds(pts) + self.fallback_duration_s
+        self._fallback_end_s = packet_end_s if self._fallback_end_s is None else max(self._fallback_end_s, packet_end_s)
 
     def is_shown(self, packet: av.Packet) -> bool:
         """Whether the packet's frame is on the timeline (not before time 0, not discarded)."""
@@ -272,7 +312,7 @@ class _StreamReader:
 
     def _seek(self, time_s: Fraction) -> None:
         start = self.stream.start_time or 0
-        offset = math.floor((time_s + self.origin_s) / self.stream.time_base)
+        offset = math.floor((time_s + self.origin_s) / self.time_base)
         self.container.seek(max(start, offset), backward=True, any_frame=False, stream=self.stream)
         self._seeked = True
 
@@ -354,36 +394,48 @@ def read_video(path, start_s=0.0, duration_s=None, fps=None, gray=False, size=No
         height, width = size if size is not None else (reader.stream.codec_context.height,
                                                        reader.stream.codec_context.width)
         timed_frames = _timed_video_frames(reader, start)
+        max_frames = None
         if rate is None:
             chosen = _frames_in_window(timed_frames, start, window_end)
         else:
             max_frames = None if duration_s is None else round(float(duration_s) * float(rate))
             chosen = _frames_at_rate(timed_frames, start, rate, max_frames, lambda: reader.end_s)
-        images = _frames_to_arrays(chosen, gray, height, width, path)
-    shape = (height, width) if gray else (height, width, 3)
-    return np.stack(images) if images else np.zeros((0,) + shape, np.uint8)
+        return _frames_to_array(chosen, gray, height, width, path, expected_frames=max_frames)
 
 
-def _frames_to_arrays(frames, gray: bool, height: int, width: int, path) -> List[np.ndarray]:
-    """Convert frames to (H, W, 3) RGB or (H, W) luma arrays, once per distinct frame;
-    MediaError before they pass :data:`MAX_DECODED_BYTES`."""
+def _frames_to_array(frames, gray: bool, height: int, width: int, path,
+                     expected_frames: Optional[int] = None) -> np.ndarray:
+    """Convert frames to uint8 (T, H, W, 3) RGB or (T, H, W) luma, once per distinct frame;
+    MediaError before they pass :data:`MAX_DECODED_BYTES`.
+
+    Each image is written into one array allocated for ``expected_frames`` (grown when more
+    come) instead of being stacked from a list at the end: no second copy of the clip, and no
+    heap left fragmented by hundreds of frame-sized arrays.
+    """
     # One single-threaded scaler for the whole call: a new multi-threaded swscale context
     # per frame (to_ndarray's default) costs ~30x the conversion of a small frame.
     reformatter = VideoReformatter()
-    images = []
-    last_frame, last_image = None, None
-    frame_bytes = height * width * (1 if gray else 3)
+    frame_shape = (height, width) if gray else (height, width, 3)
+    frame_bytes = math.prod(frame_shape)
+    capacity = max(1, min(expected_frames or 64, MAX_DECODED_BYTES // frame_bytes + 1))
+    images = np.empty((capacity, *frame_shape), np.uint8)
+    count = 0
+    last_frame = None
     for frame in frames:
-        if (len(images) + 1) * frame_bytes > MAX_DECODED_BYTES:
+        if (count + 1) * frame_bytes > MAX_DECODED_BYTES:
             raise MediaError(path, f"more than {MAX_DECODED_BYTES / 2**30:g} GiB of decoded {width}x{height} "
                                    "frames (W x H); read a shorter window or scale the frames while "
                                    "decoding (size=, e.g. the tasks' image_size / resize_short_side)")
-        if frame is not last_frame:
+        if count == len(images):
+            images = np.concatenate([images, np.empty_like(images)])
+        if frame is last_frame:
+            images[count] = images[count - 1]
+        else:
             last_frame = frame
-            last_image = reformatter.reformat(frame, format="gray" if gray else "rgb24", width=width,
-                                              height=height, threads=1).to_ndarray()
-        images.append(last_image)
-    return images
+            images[count] = reformatter.reformat(frame, format="gray" if gray else "rgb24", width=width,
+                                                 height=height, threads=1).to_ndarray()
+        count += 1
+    return images if count == len(images) else images[:count].copy()
 
 
 def count_video_frames(path, fps=25.0, timeout_s=60.0) -> int:
@@ -409,6 +461,9 @@ def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     """The average of a decoded frame's channels as float32 (samples,) in [-1, 1]."""
     data = frame.to_ndarray()
     num_channels = len(frame.layout.channels)
+    if num_channels == 1 and frame.format.name in ("s16", "s16p"):
+        # int16 / 2**15 is exact in float32: the float64 path below gives the same values
+        return data.reshape(-1).astype(np.float32) / np.float32(32768.0)
     if not frame.format.is_planar:
         data = data.reshape(-1, num_channels).T
     name = frame.format.name.rstrip("p")

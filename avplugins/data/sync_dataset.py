@@ -208,9 +208,13 @@ class AVClipDataset(SkipsInvalidItems, FairseqDataset):
             )
         return frames, samples
 
-    def video_transform(self, frames, rng: Optional[np.random.Generator]) -> torch.Tensor:
+    def video_transform(
+        self, frames, rng: Optional[np.random.Generator], segment_starts: Optional[np.ndarray] = None
+    ) -> torch.Tensor:
         """uint8 (..., T, H, W, 3) -> float32 (..., T, 3, crop, crop): random crop and flip
-        (+ colour) when ``rng`` is given, centre crop otherwise."""
+        (+ colour) when ``rng`` is given, centre crop otherwise; with ``segment_starts`` (S,)
+        frames, the clip's segments (..., S, segment_frames, 3, crop, crop), cut after it is
+        augmented."""
         return synchformer_video_transform(
             frames,
             crop_size=self.config.crop_size,
@@ -218,6 +222,8 @@ class AVClipDataset(SkipsInvalidItems, FairseqDataset):
             rng=rng,
             color_augment=self.config.color_augment,
             small_crop_p=self.config.sometimes_upscale_p,
+            segment_starts=segment_starts,
+            segment_frames=None if segment_starts is None else self.layout.segment_frames,
         )
 
     def load_segments(
@@ -232,11 +238,11 @@ class AVClipDataset(SkipsInvalidItems, FairseqDataset):
         frames, samples = self.decode(
             entry, window.video_start_frame, layout.span_frames, window.audio_start_sample, layout.span_samples
         )
-        frame_index = sync_sampling.segment_start_frames(layout, 0)[:, None] + np.arange(layout.segment_frames)
+        segment_starts = sync_sampling.segment_start_frames(layout, 0)
         if self.augment_per_segment:
-            video = self.video_transform(frames[frame_index], rng)
+            video = self.video_transform(frames[segment_starts[:, None] + np.arange(layout.segment_frames)], rng)
         else:
-            video = self.video_transform(frames, rng)[torch.as_tensor(frame_index)]
+            video = self.video_transform(frames, rng, segment_starts)
         sample_starts = sync_sampling.segment_start_samples(layout, 0)
         sample_index = torch.as_tensor(sample_starts[:, None] + np.arange(layout.segment_samples))
         audio = synchformer_audio_features(torch.from_numpy(samples)[sample_index])

@@ -14,7 +14,7 @@ dataset can make every sample reproducible from (seed, epoch, index).
 The crop and flip helpers act on the last two axes (H, W) of a numpy array or a torch tensor,
 so they serve both layouts: (T, H, W) grayscale and (..., 3, H, W) channels-first RGB.
 """
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -94,10 +94,21 @@ def _require_rng(rng: Optional[np.random.Generator]) -> np.random.Generator:
 
 
 # --- AV-data2vec ---------------------------------------------------------------------------
+def _gray_lookup_table() -> np.ndarray:
+    """(256,) float32: ``(x / 255 - 0.421) / 0.165`` of every uint8 value ``x``, computed in
+    float64 and cast, as AV-HuBERT (which casts its float64 result to float32)."""
+    return ((np.arange(256) / 255.0 - GRAY_MEAN) / GRAY_STD).astype(np.float32)
+
+
+_GRAY_LOOKUP = _gray_lookup_table()
+
+
 def normalize_gray(frames: np.ndarray) -> np.ndarray:
-    """uint8 grayscale -> float32 ``(x / 255 - 0.421) / 0.165`` (computed in float64 and cast,
-    as AV-HuBERT, which casts its float64 result to float32)."""
-    return ((frames / 255.0 - GRAY_MEAN) / GRAY_STD).astype(np.float32)
+    """uint8 grayscale (any shape, any strides) -> float32 ``(x / 255 - 0.421) / 0.165``.
+
+    A table lookup: the result depends on the uint8 value only, so it is bit-equal to the
+    float64 arithmetic of AV-HuBERT at a fraction of its cost."""
+    return np.take(_GRAY_LOOKUP, frames)
 
 
 def av_data2vec_video_transform(
@@ -240,15 +251,19 @@ def adjust_hue(video: torch.Tensor, shift: float) -> torch.Tensor:
     return hsv_to_rgb(torch.stack([hue, hsv[..., 1, :, :], hsv[..., 2, :, :]], dim=-3))
 
 
-def color_jitter(
-    video: torch.Tensor, rng: np.random.Generator, strength: float = COLOR_JITTER_STRENGTH
-) -> torch.Tensor:
-    """SimCLR colour jitter as torchvision's ``ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)``.
+VideoOp = Callable[[torch.Tensor], torch.Tensor]
 
-    Brightness, contrast and saturation factors are uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s],
-    the hue shift uniform in [-0.2 s, 0.2 s]; the four are applied in a random order. One draw
-    for the whole ``(T, 3, H, W)`` clip, as torchvision on a video tensor.
-    """
+
+def _compose(operations: Sequence[VideoOp]) -> VideoOp:
+    def apply(video: torch.Tensor) -> torch.Tensor:
+        for operation in operations:
+            video = operation(video)
+        return video
+    return apply
+
+
+def draw_color_jitter(rng: np.random.Generator, strength: float = COLOR_JITTER_STRENGTH) -> VideoOp:
+    """The random draws of :func:`color_jitter`, returned as the function that applies them."""
     low, high = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
     brightness, contrast, saturation = rng.uniform(low, high, size=3)
     hue = rng.uniform(-0.2 * strength, 0.2 * strength)
@@ -258,19 +273,37 @@ def color_jitter(
         lambda v: adjust_saturation(v, saturation),
         lambda v: adjust_hue(v, hue),
     )
-    for index in rng.permutation(len(adjustments)):
-        video = adjustments[index](video)
-    return video
+    return _compose([adjustments[index] for index in rng.permutation(len(adjustments))])
+
+
+def color_jitter(
+    video: torch.Tensor, rng: np.random.Generator, strength: float = COLOR_JITTER_STRENGTH
+) -> torch.Tensor:
+    """SimCLR colour jitter as torchvision's ``ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)``.
+
+    Brightness, contrast and saturation factors are uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s],
+    the hue shift uniform in [-0.2 s, 0.2 s]; the four are applied in a random order. One draw
+    for the whole ``(T, 3, H, W)`` clip, as torchvision on a video tensor.
+    """
+    return draw_color_jitter(rng, strength)(video)
+
+
+def draw_color_distortion(rng: np.random.Generator) -> Optional[VideoOp]:
+    """The random draws of :func:`random_color_distortion` as the function applying them, or
+    None when neither the jitter nor the grayscale is drawn (then the clip stays as it is)."""
+    operations = []
+    if rng.random() < COLOR_JITTER_P:
+        operations.append(draw_color_jitter(rng))
+    if rng.random() < GRAYSCALE_P:
+        operations.append(grayscale)
+    return _compose(operations) if operations else None
 
 
 def random_color_distortion(video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Official ``RandomApplyColorDistortion`` of stage 1: colour jitter with probability 0.2,
     then grayscale with probability 0.2, drawn once per (T, 3, H, W) clip."""
-    if rng.random() < COLOR_JITTER_P:
-        video = color_jitter(video, rng)
-    if rng.random() < GRAYSCALE_P:
-        video = grayscale(video)
-    return video
+    distortion = draw_color_distortion(rng)
+    return video if distortion is None else distortion(video)
 
 
 # --- Synchformer ---------------------------------------------------------------------------
@@ -291,6 +324,17 @@ def normalize_rgb(video: torch.Tensor) -> torch.Tensor:
     return (video - RGB_MEAN) / RGB_STD
 
 
+def uint8_to_normalized_rgb(video: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - 0.5) / 0.5``, written into ``out`` if given.
+
+    Bit-equal to ``normalize_rgb(video.float() / 255)`` in two passes and one allocation instead
+    of four of each: ``x / 255`` is rounded as there, and ``2 a - 1`` equals ``(a - 0.5) / 0.5``
+    exactly because multiplying by 1 / RGB_STD = 2 is exact in binary floating point.
+    """
+    out = torch.div(video, 255.0, out=out)
+    return torch.add(out.new_tensor(-RGB_MEAN / RGB_STD), out, alpha=1.0 / RGB_STD, out=out)
+
+
 def synchformer_train_crop(
     video: torch.Tensor, crop_size: int, rng: np.random.Generator, small_crop_p: float = 0.0
 ) -> torch.Tensor:
@@ -304,6 +348,52 @@ def synchformer_train_crop(
     return random_crop(video, crop_size, rng)
 
 
+def _segment_windows(
+    num_frames: int, segment_starts: Optional[Sequence[int]], segment_frames: Optional[int]
+) -> Sequence[slice]:
+    """Frame slices of the segments to return, or one slice of the whole clip when no
+    segments are asked for."""
+    if segment_starts is None:
+        return [slice(0, num_frames)]
+    starts = [int(start) for start in segment_starts]
+    if segment_frames is None or segment_frames <= 0 or not starts or min(starts) < 0 \
+            or max(starts) + segment_frames > num_frames:
+        raise ValueError(
+            f"segments of {segment_frames} frames starting at {starts} do not fit in a clip of "
+            f"{num_frames} frames: pass a positive segment_frames and starts in [0, T - segment_frames]"
+        )
+    return [slice(start, start + segment_frames) for start in starts]
+
+
+def _write_normalized_clip(
+    clip: torch.Tensor,
+    distortion: Optional[VideoOp],
+    flip: bool,
+    windows: Sequence[slice],
+    out: torch.Tensor,
+) -> None:
+    """Colour-distort (optional), flip (optional) and normalise a cropped uint8 (T, 3, h, w)
+    clip, writing the frames of each window into ``out`` (len(windows), L, 3, h, w) float32.
+
+    Without colour distortion the flip and the cut stay on uint8 and each output value is
+    computed once (:func:`uint8_to_normalized_rgb`), straight into ``out``; colour distortion
+    needs [0, 1] floats and takes the float path of the official order (colour, flip, normalise).
+    """
+    if distortion is None:
+        source = clip.contiguous()
+        if flip:
+            source = horizontal_flip(source)
+        for window, window_out in zip(windows, out):
+            uint8_to_normalized_rgb(source[window], out=window_out)
+        return
+    video = distortion(clip.float() / 255.0)
+    if flip:
+        video = horizontal_flip(video)
+    video = normalize_rgb(video)
+    for window, window_out in zip(windows, out):
+        window_out.copy_(video[window])
+
+
 def synchformer_video_transform(
     frames: Frames,
     crop_size: int = SYNCHFORMER_CROP_SIZE,
@@ -312,6 +402,8 @@ def synchformer_video_transform(
     color_augment: bool = False,
     small_crop_p: float = 0.0,
     short_side: Optional[int] = None,
+    segment_starts: Optional[Sequence[int]] = None,
+    segment_frames: Optional[int] = None,
 ) -> torch.Tensor:
     """Synchformer's video input.
 
@@ -326,30 +418,40 @@ def synchformer_video_transform(
             :data:`STAGE1_SMALL_CROP_P`; 0 in stage 2).
         short_side: if given, first resize so that the short side has this many pixels (the
             official data are re-encoded to 256 beforehand).
+        segment_starts, segment_frames: if given, return only the frames
+            ``start ... start + segment_frames - 1`` of each start (frames of the clip),
+            cut after the clip is augmented: equal to ``transform(frames)[index]`` with
+            ``index = starts[:, None] + arange(segment_frames)``, without normalising frames
+            that are not returned (nor copying the ones returned twice in float).
 
     Returns:
         float32 (T, 3, crop_size, crop_size), or (S, T, 3, crop_size, crop_size), normalised to
-        ``(x / 255 - 0.5) / 0.5``.
+        ``(x / 255 - 0.5) / 0.5``; with segments, (..., S', segment_frames, 3, crop, crop) where
+        S' = len(segment_starts) replaces T.
 
     As in the official pipelines, the crop window is shared by all frames (and segments), while
     the flip and the colour distortion are drawn per (T, 3, H, W) clip: for segments (S, T, ...)
     independently per segment, which is what the official stage 1 does (it segments before
-    flipping); stage 2 flips the whole 5 s clip before cutting it, so pass the clip there.
-    Differences from the official code: colour operations run on float [0, 1] instead of
-    uint8 (no intermediate rounding), and the output is float32 where stage 2 uses float16.
+    flipping); stage 2 flips the whole 5 s clip before cutting it, so pass the clip (and
+    ``segment_starts``) there. Differences from the official code: colour operations run on
+    float [0, 1] instead of uint8 (no intermediate rounding), and the output is float32 where
+    stage 2 uses float16.
     """
     video = rgb_frames_to_tensor(frames)
     if short_side is not None:
         video = resize_short_side(video, short_side)
-    if not train:
-        return normalize_rgb(center_crop(video, crop_size).float() / 255.0)
-    rng = _require_rng(rng)
-    video = synchformer_train_crop(video, crop_size, rng, small_crop_p).float() / 255.0
-    clips = []
-    for clip in video.reshape(-1, *video.shape[-4:]):
-        if color_augment:
-            clip = random_color_distortion(clip, rng)
-        if rng.random() < FLIP_P:
-            clip = horizontal_flip(clip)
-        clips.append(clip)
-    return normalize_rgb(torch.stack(clips).reshape(video.shape))
+    if train:
+        rng = _require_rng(rng)
+        video = synchformer_train_crop(video, crop_size, rng, small_crop_p)
+    else:
+        video = center_crop(video, crop_size)
+    clips = video.reshape(-1, *video.shape[-4:])  # (N, T, 3, h, w) uint8, a view
+    windows = _segment_windows(clips.shape[1], segment_starts, segment_frames)
+    window_frames = windows[0].stop - windows[0].start
+    out = torch.empty(len(clips), len(windows), window_frames, *clips.shape[-3:])
+    for clip, clip_out in zip(clips, out):
+        distortion = draw_color_distortion(rng) if train and color_augment else None
+        flip = train and rng.random() < FLIP_P
+        _write_normalized_clip(clip, distortion, flip, windows, clip_out)
+    segments_shape = (len(windows),) if segment_starts is not None else ()
+    return out.reshape(*video.shape[:-4], *segments_shape, window_frames, *out.shape[-3:])
