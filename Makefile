@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 JOBS   ?= 2
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-slow demo clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+# the suite CI runs (under 15 minutes on 2 cores); `test-slow` adds the minutes-long end-to-end
+# run of the demo in --quick mode
 test: setup
-	$(BIN)/python -m pytest -q -n $(JOBS) tests
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow" tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -n $(JOBS) -m slow tests
 
 demo: setup
 	$(BIN)/python examples/demo.py $(DEMO_ARGS)
