@@ -16,13 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from fairseq.data import FairseqDataset, data_utils
+from fairseq.data import data_utils
 
 from avplugins.data.features import av_data2vec_audio_features
-from avplugins.data.invalid_items import SKIP_HINT, SkipsInvalidItems
+from avplugins.data.invalid_items import SKIP_HINT
 from avplugins.data.manifest import ManifestEntry, select_labels, validate_manifest
 from avplugins.data.media import MediaError, read_audio, read_video
 from avplugins.data.noise import NoiseBank, mix_at_snr
+from avplugins.data.row_dataset import ManifestRowDataset
 from avplugins.data.transforms import MOUTH_CROP_SIZE, av_data2vec_video_transform
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class NoiseConfig:
     prob: float = 1.0
 
 
-class AVSpeechDataset(SkipsInvalidItems, FairseqDataset):
+class AVSpeechDataset(ManifestRowDataset):
     """Utterances of an AV-HuBERT manifest as fairseq batches (see the module docstring).
 
     Args:
@@ -122,7 +123,6 @@ class AVSpeechDataset(SkipsInvalidItems, FairseqDataset):
         self.cache_media = cache_media
         self._media_cache: Dict[int, Tuple[Optional[np.ndarray], Optional[np.ndarray]]] = {}
         self._feature_cache: Dict[Tuple[int, int, int], np.ndarray] = {}
-        self.epoch = 1
         self.sizes = np.array(
             [min(e.num_video_frames, max_frames or e.num_video_frames) for e in self.entries], dtype=np.int64
         )
@@ -130,16 +130,6 @@ class AVSpeechDataset(SkipsInvalidItems, FairseqDataset):
 
     def _has_streams(self, entry: ManifestEntry) -> bool:
         return all(getattr(entry, f"{name}_path") for name in self.modalities)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def can_reuse_epoch_itr_across_epochs(self) -> bool:
-        return False
 
     def num_tokens(self, index: int) -> int:
         return int(self.sizes[index])

@@ -17,13 +17,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from fairseq.data import FairseqDataset
 
 from avplugins.data import sync_sampling
 from avplugins.data.features import synchformer_audio_features
-from avplugins.data.invalid_items import SKIP_HINT, SkipsInvalidItems
+from avplugins.data.invalid_items import SKIP_HINT
 from avplugins.data.manifest import ManifestEntry, validate_manifest
 from avplugins.data.media import MediaError, probe, read_audio, read_video
+from avplugins.data.row_dataset import ManifestRowDataset
 from avplugins.data.sync_sampling import SegmentLayout
 from avplugins.data.transforms import synchformer_video_transform
 
@@ -100,7 +100,7 @@ def short_side_size(height: int, width: int, short_side: int) -> Tuple[int, int]
     return max(1, round(height * short_side / width)), short_side
 
 
-class AVClipDataset(SkipsInvalidItems, FairseqDataset):
+class AVClipDataset(ManifestRowDataset):
     """Manifest access, window decoding, segmentation and collation shared by both stages.
 
     Subclasses choose windows (:meth:`sample_window`) and may change how an item is made from
@@ -128,18 +128,7 @@ class AVClipDataset(SkipsInvalidItems, FairseqDataset):
             manifest_path, check_files=False, skip_invalid=config.skip_invalid, skip_hint=SKIP_HINT
         )
         self.init_skipping(config.skip_invalid)
-        self.epoch = 1
         self._frame_sizes: Dict[str, Tuple[int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def can_reuse_epoch_itr_across_epochs(self) -> bool:
-        return False
 
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.config.seed, self.epoch if self.train else 0, index))

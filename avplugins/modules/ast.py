@@ -7,13 +7,13 @@ for 128 x 66). Tokens are frequency-major (token ``2 + i * t + j`` is row i, col
 after CLS and distillation tokens; the position embedding has exactly 2 + f * t entries, so
 its size follows from ``num_mel_bins`` and ``time_frames``.
 """
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import nn
 
 from avplugins.modules.attention import TransformerBlock, init_transformer_weights
-from avplugins.modules.motionformer import ClsAggregator
+from avplugins.modules.motionformer import ClsAggregator, TowerSettings
 
 
 def patch_grid(size: int, patch_size: int, stride: int) -> int:
@@ -31,13 +31,11 @@ class AudioSpectrogramTransformer(nn.Module):
         time_frames: Ta, spectrogram frames per segment (66 = 0.64 s at 100 Hz, padded).
         patch_size: square patch side (bins).
         freq_stride, time_stride: patch strides (bins / frames).
-        dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size (AST base by default).
-        dropout: dropout after the embeddings, the attention projections and inside the MLPs
-            (official 0).
-        attn_dropout: dropout on attention weights (official 0).
-        drop_path: stochastic-depth rate of every block (official 0).
         norm_eps: LayerNorm epsilon of the blocks and the final norm (1e-12, as AST).
         agg_norm_eps: LayerNorm epsilon of the frequency aggregation layer (1e-6).
+        **transformer: the other :class:`TowerSettings` (dim, depth, num_heads, mlp_ratio,
+            qkv_bias, dropout, attn_dropout, drop_path); ``drop_path`` is the rate of every
+            block, ``attn_dropout`` all dropouts of the aggregation layer.
     """
 
     def __init__(
@@ -47,18 +45,13 @@ class AudioSpectrogramTransformer(nn.Module):
         patch_size: int = 16,
         freq_stride: int = 10,
         time_stride: int = 10,
-        dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        drop_path: float = 0.0,
         norm_eps: float = 1e-12,
         agg_norm_eps: float = 1e-6,
+        **transformer: Any,
     ):
         super().__init__()
+        settings = TowerSettings(norm_eps=norm_eps, **transformer)
+        dim = settings.dim
         self.num_mel_bins = num_mel_bins
         self.time_frames = time_frames
         self.dim = dim
@@ -71,16 +64,16 @@ class AudioSpectrogramTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
         num_patches = self.freq_patches * self.tokens_per_segment
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + num_patches, dim))
-        self.pos_dropout = nn.Dropout(dropout)
+        self.pos_dropout = nn.Dropout(settings.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                dim, num_heads, mlp_ratio, qkv_bias, dropout, attn_dropout, drop_path, norm_eps,
+                *settings.block_args(settings.drop_path),
                 activation_dropout=0.0,  # AST has no dropout after the MLP activation
             )
-            for _ in range(depth)
+            for _ in range(settings.depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.freq_agg = ClsAggregator(dim, num_heads, mlp_ratio, attn_dropout, agg_norm_eps)
+        self.freq_agg = ClsAggregator.for_tower(settings, settings.attn_dropout, agg_norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

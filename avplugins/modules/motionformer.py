@@ -1,6 +1,6 @@
 """Motionformer video tower of Synchformer (ViT-B/16, divided space-time attention, 2x16x16
-tubelets) with the per-frame spatial aggregation, and the CLS-token aggregation layer that
-the AST tower shares.
+tubelets) with the per-frame spatial aggregation, and what the AST tower shares with it: the
+transformer settings (:class:`TowerSettings`) and the CLS-token aggregation layer.
 
 Layout of one segment: T frames -> t = T / tubelet_size temporal slots x (h x w) patches,
 token order time-major (token ``1 + i * h * w + j`` is patch j of slot i), CLS first.
@@ -9,7 +9,8 @@ drop-path) -> MLP (``norm2``, drop-path). In both attentions the CLS query atten
 token, and every patch query attends to the CLS token plus the patches of its own slot
 (space) or of its own spatial position (time).
 """
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Any, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,38 @@ from avplugins.modules.attention import (
 
 SPACE = "space"
 TIME = "time"
+
+
+@dataclass(frozen=True)
+class TowerSettings:
+    """Transformer settings of a feature tower (ViT-B / AST base by default).
+
+    Attributes:
+        dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size.
+        dropout: dropout after the embeddings, the attention projections and inside the MLPs
+            (official 0).
+        attn_dropout: dropout on attention weights (official 0).
+        drop_path: stochastic-depth rate (how a tower spreads it over its blocks is its own).
+        norm_eps: LayerNorm epsilon of the blocks and the final norm.
+    """
+
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+
+    def block_args(self, drop_path: float) -> Tuple[Any, ...]:
+        """Positional arguments of one block (:class:`TransformerBlock` or
+        :class:`DividedSpaceTimeBlock`) with stochastic-depth rate ``drop_path``."""
+        return (
+            self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, self.dropout,
+            self.attn_dropout, drop_path, self.norm_eps,
+        )
 
 
 class DividedSpaceTimeAttention(MultiHeadAttention):
@@ -145,6 +178,11 @@ class ClsAggregator(nn.Module):
             norm_eps=norm_eps,
         )
 
+    @classmethod
+    def for_tower(cls, settings: TowerSettings, dropout: float, norm_eps: float) -> "ClsAggregator":
+        """The aggregation layer of a tower: its width, heads and MLP ratio."""
+        return cls(settings.dim, settings.num_heads, settings.mlp_ratio, dropout, norm_eps)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (N, L, D) -> (N, D), the CLS output."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
@@ -161,12 +199,10 @@ class Motionformer(nn.Module):
         num_frames: frames per segment T.
         tubelet_size: frames per tubelet; t = T / tubelet_size temporal slots.
         in_channels: input channels (3, RGB).
-        dim, depth, num_heads, mlp_ratio, qkv_bias: transformer size (ViT-B by default).
-        dropout: dropout after the position embedding, after attention projections and in the
-            MLPs (official 0).
-        attn_dropout: dropout on attention weights (official 0).
         drop_path: stochastic depth of the last block, linearly increasing from 0.
-        norm_eps: LayerNorm epsilon of the blocks, the final norm and the aggregation.
+        **transformer: the other :class:`TowerSettings` (dim, depth, num_heads, mlp_ratio,
+            qkv_bias, dropout, attn_dropout, norm_eps); ``norm_eps`` also serves the
+            aggregation layer, and ``dropout`` all of its dropouts.
     """
 
     def __init__(
@@ -176,15 +212,8 @@ class Motionformer(nn.Module):
         num_frames: int = 16,
         tubelet_size: int = 2,
         in_channels: int = 3,
-        dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
         drop_path: float = 0.2,
-        norm_eps: float = 1e-6,
+        **transformer: Any,
     ):
         super().__init__()
         if image_size % patch_size or num_frames % tubelet_size:
@@ -192,6 +221,8 @@ class Motionformer(nn.Module):
                 f"image_size {image_size} / num_frames {num_frames} must be multiples of "
                 f"patch_size {patch_size} / tubelet_size {tubelet_size}"
             )
+        settings = TowerSettings(drop_path=drop_path, **transformer)
+        dim = settings.dim
         self.image_size = image_size
         self.num_frames = num_frames
         self.in_channels = in_channels
@@ -205,15 +236,14 @@ class Motionformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, dim))  # CLS + one frame
         self.temp_embed = nn.Parameter(torch.zeros(1, self.tokens_per_segment, dim))
-        self.pos_dropout = nn.Dropout(dropout)
+        self.pos_dropout = nn.Dropout(settings.dropout)
+        depth = settings.depth
         self.blocks = nn.ModuleList(
-            DividedSpaceTimeBlock(
-                dim, num_heads, mlp_ratio, qkv_bias, dropout, attn_dropout, rate, norm_eps
-            )
-            for rate in (drop_path * i / max(depth - 1, 1) for i in range(depth))
+            DividedSpaceTimeBlock(*settings.block_args(drop_path * i / max(depth - 1, 1)))
+            for i in range(depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.spatial_agg = ClsAggregator(dim, num_heads, mlp_ratio, dropout, norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=settings.norm_eps)
+        self.spatial_agg = ClsAggregator.for_tower(settings, settings.dropout, settings.norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -4,10 +4,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
-from fairseq.tasks import FairseqTask
 from omegaconf import II, MISSING
 
 from avplugins.data.av_speech_dataset import parse_modalities
+from avplugins.tasks._media_task import MediaTaskBase
 
 
 DEFAULT_MODALITIES = "audio,video"
@@ -38,7 +38,7 @@ class AVSpeechDataConfig(FairseqDataclass):
     train_subset: str = II("dataset.train_subset")
 
 
-class AVSpeechTaskBase(FairseqTask):
+class AVSpeechTaskBase(MediaTaskBase):
     """Data folder checks, manifest paths and the dataset options both tasks pass on."""
 
     cfg: AVSpeechDataConfig
@@ -71,9 +71,3 @@ class AVSpeechTaskBase(FairseqTask):
             "skip_invalid": cfg.skip_invalid,
             "seed": cfg.seed,
         }
-
-    def is_train_split(self, split: str) -> bool:
-        return split == self.cfg.train_subset
-
-    def max_positions(self):
-        return None

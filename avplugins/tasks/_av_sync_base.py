@@ -5,12 +5,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
-from fairseq.tasks import FairseqTask
 from omegaconf import II, MISSING
 
 from avplugins.data.sync_dataset import ClipSamplingConfig
 from avplugins.data.sync_feature_cache import DecodedClips
 from avplugins.data.sync_sampling import SegmentLayout
+from avplugins.tasks._media_task import MediaTaskBase
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class AVSyncDataConfig(FairseqDataclass):
     train_subset: str = II("dataset.train_subset")
 
 
-class AVSyncTaskBase(FairseqTask):
+class AVSyncTaskBase(MediaTaskBase):
     cfg: AVSyncDataConfig
 
     @classmethod
@@ -102,9 +102,6 @@ class AVSyncTaskBase(FairseqTask):
         logger.info("%s: clips sliced from %s", split, self.cfg.decoded_clips)
         return store
 
-    def is_train_split(self, split: str) -> bool:
-        return split == self.cfg.train_subset
-
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's iterator with ``required_batch_size_multiple`` 1: items are whole clips, and
         fairseq's default multiple of 8 (``fairseq-validate``) would drop batches of fewer clips."""
@@ -113,14 +110,3 @@ class AVSyncTaskBase(FairseqTask):
         else:
             kwargs["required_batch_size_multiple"] = 1
         return super().get_batch_iterator(dataset, *args, **kwargs)
-
-    def max_positions(self):
-        return None
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None

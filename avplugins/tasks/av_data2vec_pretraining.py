@@ -31,11 +31,3 @@ class AVData2VecPretrainingTask(AVSpeechTaskBase):
             max_frames=self.cfg.max_frames,
             **self.dataset_options(),
         )
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None

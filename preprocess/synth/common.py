@@ -82,14 +82,15 @@ class ClipResult:
         return (self.clip_id, self.video_path, self.audio_path, self.num_video_frames, self.num_audio_samples)
 
 
-def write_clip_media(out_dir, split, clip_id, video, audio):
-    """Write `<split>/<clip_id>.mp4` (`video` uint8 (T, H, W[, 3]) at 25 fps with `audio` float32
-    (N,) at 16 kHz muxed in) and the same audio as `<split>/<clip_id>.wav` under `out_dir`;
-    return both paths relative to `out_dir`."""
+def write_clip(out_dir, split, clip_id, clip_index, clip, **details):
+    """Write `<split>/<clip_id>.mp4` (`clip.video` uint8 (T, H, W[, 3]) at 25 fps with
+    `clip.audio` float32 (N,) at 16 kHz muxed in) and the same audio as `<split>/<clip_id>.wav`
+    under `out_dir`; return the clip's `ClipResult` (media paths relative to `out_dir`), with
+    `details` (`label` or `events`)."""
     from avplugins.data.media import write_audio, write_video
 
     video_path, audio_path = f"{split}/{clip_id}.mp4", f"{split}/{clip_id}.wav"
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    write_video(os.path.join(out_dir, video_path), video, VIDEO_FPS, audio=audio, sample_rate=AUDIO_SAMPLE_RATE)
-    write_audio(os.path.join(out_dir, audio_path), audio, sample_rate=AUDIO_SAMPLE_RATE)
-    return video_path, audio_path
+    write_video(os.path.join(out_dir, video_path), clip.video, VIDEO_FPS, audio=clip.audio, sample_rate=AUDIO_SAMPLE_RATE)
+    write_audio(os.path.join(out_dir, audio_path), clip.audio, sample_rate=AUDIO_SAMPLE_RATE)
+    return ClipResult(clip_index, clip_id, split, video_path, audio_path, len(clip.video), len(clip.audio), **details)

@@ -16,14 +16,13 @@ from preprocess.synth.common import (
     AUDIO_SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     VIDEO_FPS,
-    ClipResult,
     clip_rng,
     frames_for_duration,
     noise_for_snr,
     pink_noise,
     smooth_noise,
     soft_inside,
-    write_clip_media,
+    write_clip,
 )
 
 EVENT_TYPES = ("ball", "flash", "door")
@@ -353,12 +352,11 @@ def make_sparse_clip(rng, options, kinds=None):
 
 
 def write_sparse_clip(out_dir, split, clip_id, clip_index, seed, options):
-    """Make clip `clip_index` of the corpus with `seed`, write its media (`write_clip_media`) and
-    return its `ClipResult` with the events as (type, seconds)."""
+    """Make clip `clip_index` of the corpus with `seed`, write it (`write_clip`) and return its
+    `ClipResult` with the events as (type, seconds)."""
     clip = make_sparse_clip(clip_rng(seed, clip_index), options)
-    video_path, audio_path = write_clip_media(out_dir, split, clip_id, clip.video, clip.audio)
-    return ClipResult(clip_index, clip_id, split, video_path, audio_path, len(clip.video), len(clip.audio),
-                      events=tuple((event.kind, event.time_s) for event in clip.events))
+    events = tuple((event.kind, event.time_s) for event in clip.events)
+    return write_clip(out_dir, split, clip_id, clip_index, clip, events=events)
 
 
 # ----------------------------------------------------------------------------- events files

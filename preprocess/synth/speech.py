@@ -15,13 +15,12 @@ from preprocess.synth.common import (
     AUDIO_SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     VIDEO_FPS,
-    ClipResult,
     clip_rng,
     frames_for_duration,
     noise_for_snr,
     pink_noise,
     rms,
-    write_clip_media,
+    write_clip,
 )
 from preprocess.synth.tts import get_espeak
 
@@ -161,9 +160,7 @@ def make_speech_clip(rng, options, words=None):
 
 
 def write_speech_clip(out_dir, split, clip_id, clip_index, seed, options):
-    """Make clip `clip_index` of the corpus with `seed`, write its media (`write_clip_media`) and
-    return its `ClipResult` with the transcript."""
+    """Make clip `clip_index` of the corpus with `seed`, write it (`write_clip`) and return its
+    `ClipResult` with the transcript."""
     clip = make_speech_clip(clip_rng(seed, clip_index), options)
-    video_path, audio_path = write_clip_media(out_dir, split, clip_id, clip.video, clip.audio)
-    return ClipResult(clip_index, clip_id, split, video_path, audio_path, len(clip.video), len(clip.audio),
-                      label=" ".join(clip.words))
+    return write_clip(out_dir, split, clip_id, clip_index, clip, label=" ".join(clip.words))
