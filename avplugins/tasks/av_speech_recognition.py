@@ -104,10 +104,6 @@ class AVSpeechRecognitionTask(AVSpeechTaskBase):
         return cls(cfg, dictionary, tokenizer_model)
 
     @property
-    def source_dictionary(self):
-        return None
-
-    @property
     def target_dictionary(self) -> Dictionary:
         return self.dictionary
 
