@@ -62,7 +62,7 @@ def load_checkpoint_state(path: str) -> Dict[str, Any]:
 def load_model_and_config(path: str, device: Optional[str] = None, task_overrides: Optional[dict] = None):
     """Like :func:`load_model`, also returning the checkpoint's config (an OmegaConf ``DictConfig``
     with ``model``, ``task``, ...), so callers need not read the file twice."""
-    from fairseq import models, tasks
+    from fairseq import tasks
     from omegaconf import OmegaConf, open_dict
 
     state = load_checkpoint_state(path)
@@ -75,13 +75,14 @@ def load_model_and_config(path: str, device: Optional[str] = None, task_override
     task = tasks.setup_task(cfg.task, from_checkpoint=True)
     # build without allocating or initialising weights (minutes at the paper's size on a CPU),
     # then take the checkpoint's tensors as they are
+    # through the task: it knows which pretrained parts the checkpoint's own weights replace
     with torch.device("meta"):
-        model = models.build_model(cfg.model, task, from_checkpoint=True)
+        model = task.build_model(cfg.model, from_checkpoint=True)
     # nn.Module's own loader: fairseq's override has no `assign` (and nothing to upgrade here)
     torch.nn.Module.load_state_dict(model, state["model"], strict=True, assign=True)
     still_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if still_meta:  # tensors a checkpoint does not hold (non-persistent buffers): build normally
-        model = models.build_model(cfg.model, task, from_checkpoint=True)
+        model = task.build_model(cfg.model, from_checkpoint=True)
         model.load_state_dict(state["model"], strict=True)
     return model.to(device or "cpu").eval(), cfg
 

@@ -509,13 +509,13 @@ def test_feature_cache_train_validate_and_load_model(corpus, stage1_checkpoint, 
              "--model-overrides", "{'feature_cache': None}"],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
+        model = avplugins.load_model(str(checkpoint))
     finally:
         os.replace(moved, path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "valid on 'test' subset" in log and "accuracy_1 " in log and "accuracy_1_tol" in log
 
-    model = avplugins.load_model(str(checkpoint))
     test = offset_dataset(corpus, "test")
     batch = test.collater([test[0], test[1]])
     with torch.no_grad():
