@@ -6,12 +6,18 @@ Variants (same weights, same inputs):
   ours fp32            avplugins SynchformerNet under ``torch.inference_mode``
   ours bf16 autocast   the same under ``torch.autocast(dtype=bfloat16)`` (AMX / AVX-512 BF16 on CPU)
   ours bf16 weights    a bfloat16 copy of the model on bfloat16 inputs (no per-call weight casts)
+  ours fp32 compiled   ``--compile``: ``torch.compile`` (inductor, C++ kernels via gcc) with freezing
+                       (weights become constants: oneDNN-prepacked, casts folded), fusing
+                       LayerNorm / GELU / residual adds / casts around the matmuls
+  ours bf16 compiled   ``--compile``: the same under ``torch.autocast(dtype=bfloat16)``
+  ours bf16 weights compiled  ``--compile``: the bfloat16 copy, compiled the same way
 
 Prints a table (seconds and clips per second, speedup over the eager baseline and over the
 official code, max |logit difference| from ours fp32, whether the argmax agrees), the FLOPs of
 one clip (``torch.utils.flop_counter`` on the meta device) and the floor they give at the
 measured matmul peak. Rounds are interleaved (every variant once per round, best round kept)
-so that load from other processes hits every variant alike.
+so that load from other processes hits every variant alike. Compilation happens in one untimed call
+before the rounds; its time is printed separately.
 
 A clip is S segments of 16 frames x 224 px plus their log-mels (paper: S = 14). The towers
 run per segment, so the time of a paper clip is ``14 / S`` times that of S segments;
@@ -148,6 +154,25 @@ def build_official(checkout: str, deps: str, segments: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------- running
+def compiled_variant(net: torch.nn.Module, video, audio, autocast: bool):
+    """``torch.compile(net)`` with inductor freezing, called once to compile on ``video``
+    (B, S, 16, 3, 224, 224) and ``audio`` (B, S, 1, 128, 66) (in the model's dtype), under
+    ``torch.autocast(dtype=bfloat16)`` when ``autocast``.
+
+    Returns (run: () -> offset logits (B, n_offsets) float32, seconds the compiling call took).
+    Freezing turns the weights into constants, so it needs ``inference_mode``/``no_grad`` and
+    a model that is not trained afterwards."""
+    compiled = torch.compile(net, options={"freezing": True})
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return compiled(video, audio)["offset_logits"].float()
+
+    start = time.perf_counter()
+    run()
+    return run, time.perf_counter() - start
+
+
 def time_rounds(variants: Dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int):
     """Run every variant once per round; returns ({name: best seconds}, {name: logits})."""
     logits = {}
@@ -173,6 +198,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--official", help="checkout of github.com/v-iashin/Synchformer to compare with")
     parser.add_argument("--official-deps", default="", help="folder with timm, einops, transformers for --official")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile (inductor, freezing) variants: fp32, bf16 autocast, bf16 weights")
     parser.add_argument("--no-eager", action="store_true", help="leave out the eager baseline")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -216,6 +243,16 @@ def main(argv: List[str] = None) -> None:
     variants["ours fp32"] = ours
     variants["ours bf16 autocast"] = ours_bf16
     variants["ours bf16 weights"] = ours_bf16_weights
+    compile_seconds = {}
+    if args.compile:
+        compiled_cases = (
+            ("ours fp32 compiled", net, video, audio, False),
+            ("ours bf16 compiled", net, video, audio, True),
+            ("ours bf16 weights compiled", net_bf16, video.bfloat16(), audio.bfloat16(), False),
+        )
+        for name, model, video_in, audio_in, autocast in compiled_cases:
+            variants[name], compile_seconds[name] = compiled_variant(model, video_in, audio_in, autocast)
+            print(f"  {name}: first call (compiling) {compile_seconds[name]:.1f} s", flush=True)
 
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} clip(s) of "
           f"{args.segments} segments x 16 frames x 224 px", flush=True)
@@ -237,6 +274,8 @@ def main(argv: List[str] = None) -> None:
         vs_official = f"{base_official / seconds:.2f}x" if base_official else "-"
         print(f"| {name} | {per_clip:.2f} | {per_clip * scale:.1f} | {1 / (per_clip * scale):.4f} | "
               f"{vs_eager} | {vs_official} | {diff:.2e} | {same} |")
+    for name, seconds in compile_seconds.items():
+        print(f"compile time (first call, not in the table) {name}: {seconds:.1f} s")
 
     flops = flops_per_clip(PAPER_SEGMENTS)
     print()
