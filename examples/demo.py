@@ -6,7 +6,8 @@ Every step runs a public command a user would type (``avplugins-synth``,
 ``python -m preprocess.*``, ``fairseq-hydra-train``, ``fairseq-validate``, ``fairseq-generate``,
 ``avsync``), logs it to ``OUT/logs/<step>.log`` and leaves a ``.done`` marker, so a second run
 reuses what exists. The one step that is not a command, shifting test clips by known offsets,
-calls the public ``avplugins.data.media.write_shifted_copy`` (what ``avsync predict --fix`` uses).
+calls the public ``avplugins.data.media.write_shifted_copy`` in-process (what ``avsync shift``
+and ``avsync predict --fix`` run; one process instead of one per copy).
 
 Three chains of steps, two steps at a time (``--jobs 2``, one CPU thread per process on a
 2-core machine):
@@ -362,7 +363,7 @@ def synchformer_steps(ctx: Context, corpus: str) -> List[Step]:
                                      "--batch-size", "16", "--log-format", "json",
                                      "--model-overrides", "{'feature_cache': None}", *ctx.cpu_flag()]),
         Step(f"sync_shift_{corpus}", action=shift, outputs=[shift.truth_path],
-             summary="shift test clips by known offsets (avplugins.data.media.write_shifted_copy)"),
+             summary="shift test clips by known offsets (write_shifted_copy, as `avsync shift` does)"),
         Step(f"sync_predict_{corpus}", [tool("avsync"), "predict", *shift.videos(),
                                         "--checkpoint", stage2_ckpt, "--device", ctx.device,
                                         "--json", paths.predictions,

@@ -217,6 +217,19 @@ def test_shifted_copy_advances_audio_and_reencodes_foreign_video(files, tmp_path
     np.testing.assert_allclose(decoded.mean(axis=(1, 2, 3)), frames.mean(axis=(1, 2, 3)), atol=3)
 
 
+def test_shift_makes_the_audio_early_by_the_offset(files, tmp_path, capsys):
+    """``avsync shift --offset e`` writes what ``predict`` should call "audio early by e": the
+    copy's audio at t is the original's at t + e; a bad input exits 2 naming the file."""
+    shifted = tmp_path / "early.mp4"
+    status, _, err = run_cli(capsys, "shift", files["video"], shifted, "--offset", "0.4")
+    assert status == 0 and "audio early by +0.40 s" in err
+    original, early = read_audio(files["video"]), read_audio(shifted)
+    assert shift_in_samples(original, early, probe_start=4000) == -round(0.4 * SAMPLE_RATE)
+    missing = tmp_path / "missing.mp4"
+    status, _, err = run_cli(capsys, "shift", missing, tmp_path / "x.mp4", "--offset", "1")
+    assert status == 2 and str(missing) in err and not (tmp_path / "x.mp4").exists()
+
+
 def test_sync_only_model_reports_synchronizability(files, capsys, tmp_path):
     status, out, err = run_cli(capsys, "predict", files["video"], "--checkpoint", files["sync_only"])
     assert status == 0, err

@@ -2,6 +2,10 @@
 
     avsync predict VIDEO... --checkpoint CKPT [--json F] [--plot F.png] [--fix OUT.mp4]
         [--window-stride 0.32] [--batch-size 16] [--device cuda|cpu] [--short-side N]
+    avsync shift VIDEO OUT --offset SECONDS
+
+``shift`` writes a copy whose audio is early by ``SECONDS`` (late when negative), the offset
+``predict`` should then report: test material for your own videos.
 
 Prints (or writes to --json) per video: every window's offset distribution, the estimate (the
 argmax of their mean), its confidence and the top 3, the synchronizability probability when the
@@ -85,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="resize frames to this short side before the centre crop "
                               "(default: the checkpoint's task.resize_short_side, else crop * 256 / 224)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines on stderr")
+    shift = commands.add_parser(
+        "shift", help="write a copy with the audio moved by a known offset",
+        description="Write a copy of VIDEO whose audio is early by --offset seconds (late when negative): "
+                    "the offset `avsync predict` should report for it. Video packets are copied, the audio is "
+                    "re-encoded.",
+    )
+    shift.add_argument("video", metavar="VIDEO", help="media file with audio and video")
+    shift.add_argument("out", metavar="OUT", help="the copy to write (its extension picks the container)")
+    shift.add_argument("--offset", type=float, required=True, metavar="SECONDS",
+                       help="how early the audio of the copy is (negative: late)")
     return parser
 
 
@@ -159,9 +173,20 @@ def predict_command(args) -> int:
     return status
 
 
+def shift_command(args) -> int:
+    try:
+        # audio early by e is audio advanced by e: a delay of -e
+        write_shifted_copy(args.video, args.out, -args.offset)
+    except (MediaError, ValueError) as error:
+        _error(str(error))
+        return EXIT_ERROR
+    print(f"{args.out}: audio early by {args.offset:+.2f} s relative to {args.video}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return predict_command(args)
+    return shift_command(args) if args.command == "shift" else predict_command(args)
 
 
 if __name__ == "__main__":
