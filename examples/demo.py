@@ -628,10 +628,12 @@ def plot_confusion(rows: List[dict], grid: List[float], title: str, path: str) -
     """Counts of (true offset, estimated offset) over the grid's classes."""
     import numpy as np
 
+    from avplugins.data.sync_sampling import offset_to_class
+
     counts = np.zeros((len(grid), len(grid)), dtype=int)
     for row in rows:
         if row["estimate_s"] is not None:
-            counts[_class_of(row["truth_s"], grid), _class_of(row["estimate_s"], grid)] += 1
+            counts[offset_to_class(row["truth_s"], grid), offset_to_class(row["estimate_s"], grid)] += 1
     figure = new_figure(6, 5.2)
     axes = figure.add_subplot()
     image = axes.imshow(counts, cmap="Blues", origin="lower")
@@ -644,10 +646,6 @@ def plot_confusion(rows: List[dict], grid: List[float], title: str, path: str) -
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="clips")
     figure.savefig(path, dpi=100)
-
-
-def _class_of(offset_s: float, grid: List[float]) -> int:
-    return min(range(len(grid)), key=lambda index: abs(grid[index] - offset_s))
 
 
 def plot_wer_per_snr(wer: Dict[str, Dict[str, float]], snrs: List[Optional[float]], baseline: float, path: str):
