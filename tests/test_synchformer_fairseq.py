@@ -54,6 +54,7 @@ BEEP_S = 0.08
 # valid/test: (offset, video crop start) per clip; the flash and the beep stay inside both crops
 FIXED = {"valid": [(-0.8, 2.0), (0.0, 2.4), (1.2, 2.8)], "test": [(0.4, 2.4), (-1.6, 3.0)]}
 STAGE2_LAYOUT = SegmentLayout(num_segments=14, segment_frames=16, stride_frames=8)
+TINY_STAGE2_LAYOUT = SegmentLayout(num_segments=27, segment_frames=16, stride_frames=4)  # sync/tiny_synthetic.yaml
 TINY_TOWERS = {"video_tubelet_size": 16, "audio_patch_size": 64, "audio_stride": 64}
 
 
@@ -96,9 +97,9 @@ def sampling(layout, **overrides):
     return ClipSamplingConfig(layout=layout, crop_size=SIZE, **overrides)
 
 
-def offset_dataset(corpus, split, **kwargs):
+def offset_dataset(corpus, split, layout=STAGE2_LAYOUT, **kwargs):
     fixed = {f"{split}{n}": FixedOffset(*values) for n, values in enumerate(FIXED[split])} if split in FIXED else None
-    return AVOffsetDataset(str(corpus / f"{split}.tsv"), sampling(STAGE2_LAYOUT), train=split == "train",
+    return AVOffsetDataset(str(corpus / f"{split}.tsv"), sampling(layout), train=split == "train",
                            fixed_offsets=fixed, **kwargs)
 
 
@@ -370,7 +371,9 @@ def test_recipes_list_every_key_a_user_sets(stage, name, tmp_path):
         assert cfg.checkpoint.maximize_best_checkpoint_metric and cfg.checkpoint.patience > 0
         assert cfg.optimizer.adam_eps == 1e-7 and cfg.lr_scheduler._name == "tri_stage"
         assert cfg.optimizer.adam_betas == "(0.9,0.999)" and cfg.optimizer.weight_decay == 0
-        assert cfg.dataset.batch_size == 16 and cfg.task.num_offset_classes == 21
+        assert cfg.task.num_offset_classes == 21
+        # the paper's batch per GPU; the tiny recipe uses 32 clips
+        assert cfg.dataset.batch_size == (32 if name == "tiny_synthetic" else 16)
     if name != "tiny_synthetic":
         assert cfg.task.crop_size == 224 and cfg.task.resize_short_side == 256
         if stage == "sync":
@@ -482,9 +485,10 @@ def test_feature_cache_train_validate_and_load_model(corpus, stage1_checkpoint, 
         assert build_feature_cache(stage1.net.visual, stage1.net.audio, reader, str(cache), split, meta,
                                    batch_segments=64) == []
     # cached rows are the towers' outputs on the same windows (to float16 precision)
-    decoded, cached = offset_dataset(corpus, "valid"), CachedOffsetDataset(
-        str(corpus / "valid.tsv"), sampling(STAGE2_LAYOUT), train=False, cache=FeatureCache(str(cache), "valid"),
-        fixed_offsets=offset_dataset(corpus, "valid").fixed_offsets)
+    decoded = offset_dataset(corpus, "valid", TINY_STAGE2_LAYOUT)
+    cached = CachedOffsetDataset(
+        str(corpus / "valid.tsv"), sampling(TINY_STAGE2_LAYOUT), train=False, cache=FeatureCache(str(cache), "valid"),
+        fixed_offsets=decoded.fixed_offsets)
     item, cached_item = decoded[2], cached[2]
     with torch.no_grad():
         vfeats, afeats = stage1.net.forward_features(item["video"][None], item["audio"][None])
@@ -516,7 +520,7 @@ def test_feature_cache_train_validate_and_load_model(corpus, stage1_checkpoint, 
     log = result.stdout + result.stderr
     assert "valid on 'test' subset" in log and "accuracy_1 " in log and "accuracy_1_tol" in log
 
-    test = offset_dataset(corpus, "test")
+    test = offset_dataset(corpus, "test", TINY_STAGE2_LAYOUT)
     batch = test.collater([test[0], test[1]])
     with torch.no_grad():
         output = model(video=batch["net_input"]["video"], audio=batch["net_input"]["audio"])

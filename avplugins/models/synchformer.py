@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import II, OmegaConf
 
@@ -49,6 +50,12 @@ class SynchformerConfig(SynchformerTowersConfig):
     sync_depth: int = field(default=3, metadata={"help": "sync module blocks"})
     sync_heads: int = field(default=8, metadata={"help": "sync module attention heads"})
     sync_dropout: float = field(default=0.1, metadata={"help": "sync module dropout"})
+    sync_init: ChoiceEnum(["official", "aligned"]) = field(
+        default="official",
+        metadata={"help": "'official': the paper's random init; 'aligned': start the sync module as an offset "
+                  "detector (cross-modal attention, time ramps; needs sync_dim >= feature dim + 4), which "
+                  "skips the long plateau at loss ln(21) (SyncTransformer.init_aligned)"},
+    )
     num_offset_classes: int = II("task.num_offset_classes")
     offset_head: bool = field(default=True, metadata={"help": "classify the offset over the grid"})
     sync_head: bool = field(default=False, metadata={"help": "add the binary synchronizability head"})
@@ -104,6 +111,8 @@ class SynchformerModel(BaseFairseqModel):
         model = cls(cfg, net)
         if cfg.pretrained_towers:
             model.load_towers(cfg.pretrained_towers)
+        if cfg.sync_init == "aligned":
+            net.init_aligned()
         if cfg.pretrained_sync:
             model.load_sync_module(cfg.pretrained_sync)
         return model

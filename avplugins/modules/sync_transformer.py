@@ -5,6 +5,10 @@ Token layout: ``[OFF, visual (S * tv), MOD, audio (S * ta)]`` (1 + 112 + 1 + 84 
 14 segments), each stream layer-normed on its own, plus one learned position embedding per
 token. Heads read token 0 (OFF): ``offset_head`` (21 offset classes) and, in the
 synchronizability variant, ``sync_head`` (2 classes).
+
+Two initialisations: the official one (:meth:`SyncTransformer.reset_parameters`) and an
+*aligned* one (:meth:`SyncTransformer.init_aligned`) that starts the module as a working
+offset detector instead of on the long plateau at loss ln(21) (see its docstring).
 """
 from typing import Dict
 
@@ -72,6 +76,85 @@ class SyncTransformer(nn.Module):
         # the official module draws its OFF / MOD tokens and position embedding from N(0, 1)
         for token in (self.off_token, self.mod_token, self.pos_embed):
             nn.init.normal_(token)
+
+    def aligned_channels(self, content_dim: int) -> Dict[str, int]:
+        """The residual channels :meth:`init_aligned` uses for a ``content_dim``-wide content
+        (channels ``0 .. content_dim-1``): modality sign, visual time, audio time, and the slot
+        that receives the attended visual time.
+
+        Raises:
+            ValueError: the width leaves no room for them, or head 0 cannot see the content.
+        """
+        head_dim = self.dim // self.blocks[0].attn.num_heads
+        if self.dim < content_dim + 4 or head_dim < 2:
+            raise ValueError(
+                f"the aligned sync init needs sync_dim >= feature dim + 4 ({content_dim + 4}) and a head "
+                f"width >= 2, got sync_dim {self.dim} with {self.blocks[0].attn.num_heads} heads: "
+                "raise model.sync_dim or use model.sync_init=official"
+            )
+        return dict(modality=content_dim, visual_time=content_dim + 1, audio_time=content_dim + 2,
+                    attended_time=content_dim + 3)
+
+    @torch.no_grad()
+    def init_aligned(
+        self,
+        content_dim: int,
+        content_gain: float = 3.0,
+        modality_gain: float = 12.0,
+        modality_code: float = 3.0,
+        time_range: float = 2.0,
+    ) -> None:
+        """Start the module as an offset detector (in place), so stage 2 learns from the first
+        updates instead of sitting on the plateau at loss ln(21) that the official
+        initialisation gives (official issues #5, #19; days of GPU training in the paper).
+
+        The offset is a second-order quantity (which visual token matches an audio token, and
+        where it lies relative to it), and at a small random init every path that carries it is
+        a product of near-zero matrices, hence the plateau. Here the path exists from the start:
+
+        - position embedding: a modality sign (+ visual, - audio) and a linear time ramp over
+          each stream's tokens, in channels of their own (:meth:`aligned_channels`);
+        - block 0, head 0: query and key compare the content channels (the projected tower
+          features, which stage 1 made similar for matching audio and video) and the modality
+          sign with opposite signs, so audio tokens attend to the visual tokens whose features
+          match theirs, not to their own stream; its value is the visual time, written to the
+          ``attended_time`` channel, so ``attended_time - audio_time`` of an audio token is its
+          offset estimate;
+        - later blocks: identity value and output paths, so the OFF token (near-uniform
+          attention) reads the mean estimate and the head can learn from it at once.
+        Every other weight keeps the official init; all of them are trained.
+
+        Args:
+            content_dim: channels ``0 .. content_dim-1`` hold the content (the projections
+                are expected to copy the features there, see ``SynchformerNet.init_aligned``).
+            content_gain, modality_gain: scales of the content and modality terms of head 0's
+                query/key (the modality term must beat a token's match with itself).
+            modality_code, time_range: values of the modality sign and of the ramp's ends.
+        """
+        channels = self.aligned_channels(content_dim)
+        first = self.blocks[0].attn
+        head_dim = self.dim // first.num_heads
+        query, key, value = first.qkv.weight.split(self.dim)
+        self.pos_embed.zero_()
+        visual = slice(1, 1 + self.num_visual_tokens)
+        audio = slice(2 + self.num_visual_tokens, None)
+        self.pos_embed[0, visual, channels["modality"]] = modality_code
+        self.pos_embed[0, audio, channels["modality"]] = -modality_code
+        self.pos_embed[0, visual, channels["visual_time"]] = torch.linspace(-time_range, time_range, self.num_visual_tokens)
+        self.pos_embed[0, audio, channels["audio_time"]] = torch.linspace(-time_range, time_range, self.num_audio_tokens)
+        compared = min(content_dim, head_dim - 1)
+        for projection in (query, key, value):
+            projection[:head_dim].zero_()
+        query[:compared, :compared] = content_gain * torch.eye(compared)
+        key[:compared, :compared] = content_gain * torch.eye(compared)
+        query[head_dim - 1, channels["modality"]] = modality_gain
+        key[head_dim - 1, channels["modality"]] = -modality_gain
+        value[0, channels["visual_time"]] = 1.0
+        first.proj.weight[:, :head_dim].zero_()
+        first.proj.weight[channels["attended_time"], 0] = 1.0
+        for block in self.blocks[1:]:
+            block.attn.qkv.weight[2 * self.dim:].copy_(torch.eye(self.dim))
+            block.attn.proj.weight.copy_(torch.eye(self.dim))
 
     def encode(self, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """

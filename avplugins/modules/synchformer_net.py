@@ -57,6 +57,25 @@ class SynchformerNet(nn.Module):
             for projection in (self.vproj, self.aproj):
                 init_transformer_weights(projection)
 
+    @torch.no_grad()
+    def init_aligned(self) -> None:
+        """The aligned initialisation of the sync module (``SyncTransformer.init_aligned``), with
+        the projections starting as copies of the tower features into the content channels."""
+        if self.sync is None:
+            raise RuntimeError("this SynchformerNet was built without a sync module (stage 1)")
+        if self.visual.dim != self.audio.dim:
+            raise ValueError(
+                f"the aligned sync init compares visual and audio features directly and needs one width "
+                f"for both towers, got {self.visual.dim} and {self.audio.dim}: use model.sync_init=official"
+            )
+        content_dim = self.visual.dim
+        self.sync.aligned_channels(content_dim)
+        for projection in (self.vproj, self.aproj):
+            projection.weight.zero_()
+            projection.weight[:content_dim].copy_(torch.eye(content_dim))
+            projection.bias.zero_()
+        self.sync.init_aligned(content_dim)
+
     @classmethod
     def build(
         cls,
