@@ -37,6 +37,7 @@ from torch import nn
 from avplugins.models._variants import register_variant
 from avplugins.modules.av_encoder import AVData2VecBackbone, average_top_k_targets
 from avplugins.modules.modality import ModalityScheduler
+from avplugins.modules.resnet_frontend import ResNetVideoFrontend
 from avplugins.modules.span_mask import compute_span_mask
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class AVBackboneConfig(FairseqDataclass):
     resnet_width: int = field(
         default=64, metadata={"help": "channels of the ResNet stem / first stage (64 = ResNet-18)"}
     )
+    resnet_stem_pool: bool = field(
+        default=True,
+        metadata={"help": "max-pool after the ResNet stem (ResNet-18); false keeps lip detail in small crops"},
+    )
     fusion: FUSION_CHOICES = field(
         default="add", metadata={"help": "early fusion: element-wise add, or concat + projection"}
     )
@@ -73,17 +78,22 @@ class AVBackboneConfig(FairseqDataclass):
     encoder_layerdrop: float = field(default=0.05, metadata={"help": "probability of skipping a block"})
 
 
-# Fields that fix the backbone's parameter shapes (what a fine-tuned model must copy from
-# its pre-trained checkpoint); the others are regularisation, free to change.
+# Fields that fix the backbone's parameter shapes or architecture (what a fine-tuned model
+# must copy from its pre-trained checkpoint); the others are regularisation, free to change.
 BACKBONE_SHAPE_FIELDS = (
     "encoder_embed_dim", "encoder_layers", "encoder_attention_heads", "encoder_ffn_embed_dim",
-    "audio_feature_dim", "resnet_width", "fusion", "conv_pos", "conv_pos_groups", "layer_norm_eps",
+    "audio_feature_dim", "resnet_width", "resnet_stem_pool", "fusion", "conv_pos", "conv_pos_groups",
+    "layer_norm_eps",
 )
 
 
 def build_backbone(cfg: AVBackboneConfig) -> AVData2VecBackbone:
-    """An :class:`AVData2VecBackbone` with the sizes and dropouts of ``cfg``."""
-    return AVData2VecBackbone(
+    """An :class:`AVData2VecBackbone` with the sizes and dropouts of ``cfg``.
+
+    ``resnet_stem_pool=False`` swaps in a video frontend without the stem max-pool (same
+    parameter names and shapes); the default keeps the backbone exactly as built.
+    """
+    backbone = AVData2VecBackbone(
         dim=cfg.encoder_embed_dim,
         depth=cfg.encoder_layers,
         heads=cfg.encoder_attention_heads,
@@ -100,6 +110,9 @@ def build_backbone(cfg: AVBackboneConfig) -> AVData2VecBackbone:
         conv_pos_groups=cfg.conv_pos_groups,
         norm_eps=cfg.layer_norm_eps,
     )
+    if not cfg.resnet_stem_pool:
+        backbone.video_frontend = ResNetVideoFrontend(cfg.encoder_embed_dim, cfg.resnet_width, stem_pool=False)
+    return backbone
 
 
 @dataclass

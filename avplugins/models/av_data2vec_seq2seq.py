@@ -121,8 +121,9 @@ def load_pretrained_backbone(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
 
 def pretrained_shapes(cfg: AVData2VecSeq2SeqConfig, pretrained_cfg: Any) -> Dict[str, Any]:
     """The shape fields of the pre-training config (which ``cfg`` must adopt), logging every
-    value that differs from ``cfg``'s."""
-    shapes = {name: pretrained_cfg[name] for name in BACKBONE_SHAPE_FIELDS}
+    value that differs from ``cfg``'s. A field the checkpoint predates gets its default."""
+    defaults = AVBackboneConfig()
+    shapes = {name: pretrained_cfg.get(name, getattr(defaults, name)) for name in BACKBONE_SHAPE_FIELDS}
     for name, value in shapes.items():
         if getattr(cfg, name) != value:
             logger.info("model.%s = %s from the pre-trained checkpoint (config said %s)", name, value, getattr(cfg, name))

@@ -65,6 +65,9 @@ class ResNetVideoFrontend(nn.Module):
             ``trunk_width * (1, 2, 4, 8)`` channels (64 -> 64/128/256/512 = ResNet-18; a tiny
             config may use 16 -> 16/32/64/128).
         blocks_per_stage: BasicBlocks per stage ((2, 2, 2, 2) = ResNet-18).
+        stem_pool: end the stem with the 3x3 stride-2 max-pool (ResNet-18, AV-HuBERT). False
+            keeps twice the resolution in the trunk (4x its compute): for small crops, where
+            the pool would shrink a 28-pixel crop to 7 x 7 and the lip opening to a pixel.
 
     Shapes: ``forward`` maps (B, 1, T, H, W) float video (88 x 88 crops in the recipes) to
     (B, T, out_dim). The stem keeps T (stride 1, padding 2 in time), so output step t is
@@ -77,15 +80,18 @@ class ResNetVideoFrontend(nn.Module):
         out_dim: int,
         trunk_width: int = 64,
         blocks_per_stage: Sequence[int] = RESNET18_BLOCKS_PER_STAGE,
+        stem_pool: bool = True,
     ):
         super().__init__()
         widths = [trunk_width * 2**stage for stage in range(len(blocks_per_stage))]
-        self.stem = nn.Sequential(
+        stem = [
             nn.Conv3d(1, trunk_width, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False),
             nn.BatchNorm3d(trunk_width),
             nn.PReLU(trunk_width),
-            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-        )
+        ]
+        if stem_pool:
+            stem.append(nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+        self.stem = nn.Sequential(*stem)
         stage_inputs = [trunk_width] + widths[:-1]
         self.trunk = nn.Sequential(
             *[
