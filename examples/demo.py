@@ -49,9 +49,9 @@ SCHEDULES: Dict[str, Dict[str, list]] = {
         "corpus_speech": ["--num-clips", "200"],
         "corpus_speech_long": ["--num-clips", "120", "--min-duration", "9", "--max-duration", "11"],
         "corpus_sparse": ["--num-clips", "60"],
-        "sync_stage1": ["optimization.max_update=300", "common.log_interval=10"],
-        "sync_stage2": ["optimization.max_update=1000", "dataset.validate_interval_updates=250",
-                        "checkpoint.save_interval_updates=250", "common.log_interval=25"],
+        "sync_stage1": ["optimization.max_update=1500", "common.log_interval=25"],
+        "sync_stage2": ["optimization.max_update=2500", "dataset.validate_interval_updates=500",
+                        "checkpoint.save_interval_updates=500", "common.log_interval=50"],
         "d2v_pretrain": ["optimization.max_update=300", "model.ema_anneal_end_step=300", "common.log_interval=10"],
         # one AVSR model; modality dropout (P(audio+video) 0.5, else audio or video alone) so the
         # same checkpoint also decodes from one stream
