@@ -37,7 +37,6 @@ from torch import nn
 from avplugins.models._variants import register_variant
 from avplugins.modules.av_encoder import AVData2VecBackbone, average_top_k_targets
 from avplugins.modules.modality import ModalityScheduler
-from avplugins.modules.resnet_frontend import ResNetVideoFrontend
 from avplugins.modules.span_mask import compute_span_mask
 
 logger = logging.getLogger(__name__)
@@ -88,18 +87,15 @@ BACKBONE_SHAPE_FIELDS = (
 
 
 def build_backbone(cfg: AVBackboneConfig) -> AVData2VecBackbone:
-    """An :class:`AVData2VecBackbone` with the sizes and dropouts of ``cfg``.
-
-    ``resnet_stem_pool=False`` swaps in a video frontend without the stem max-pool (same
-    parameter names and shapes); the default keeps the backbone exactly as built.
-    """
-    backbone = AVData2VecBackbone(
+    """An :class:`AVData2VecBackbone` with the sizes and dropouts of ``cfg``."""
+    return AVData2VecBackbone(
         dim=cfg.encoder_embed_dim,
         depth=cfg.encoder_layers,
         heads=cfg.encoder_attention_heads,
         ffn_dim=cfg.encoder_ffn_embed_dim,
         audio_feature_dim=cfg.audio_feature_dim,
         trunk_width=cfg.resnet_width,
+        stem_pool=cfg.resnet_stem_pool,
         fusion=str(cfg.fusion),
         input_dropout=cfg.dropout_input,
         dropout=cfg.dropout,
@@ -110,9 +106,6 @@ def build_backbone(cfg: AVBackboneConfig) -> AVData2VecBackbone:
         conv_pos_groups=cfg.conv_pos_groups,
         norm_eps=cfg.layer_norm_eps,
     )
-    if not cfg.resnet_stem_pool:
-        backbone.video_frontend = ResNetVideoFrontend(cfg.encoder_embed_dim, cfg.resnet_width, stem_pool=False)
-    return backbone
 
 
 @dataclass

@@ -222,6 +222,7 @@ class AVData2VecBackbone(nn.Module):
         dim, depth, heads, ffn_dim: encoder size (defaults: Base).
         audio_feature_dim: input width of the audio frontend (104).
         trunk_width: ResNet width of the first stage (64 = ResNet-18).
+        stem_pool: the ResNet stem's max-pool (see :class:`ResNetVideoFrontend`).
         fusion: ``add`` or ``concat`` (see :class:`EarlyFusion`).
         input_dropout: dropout on the fused features before masking (AV-HuBERT's
             ``dropout_input``).
@@ -237,6 +238,7 @@ class AVData2VecBackbone(nn.Module):
         ffn_dim: int = 3072,
         audio_feature_dim: int = AUDIO_FEATURE_DIM,
         trunk_width: int = 64,
+        stem_pool: bool = True,
         fusion: str = "add",
         input_dropout: float = 0.1,
         dropout: float = 0.1,
@@ -249,7 +251,7 @@ class AVData2VecBackbone(nn.Module):
     ):
         super().__init__()
         self.audio_frontend = AudioFrontend(dim, audio_feature_dim)
-        self.video_frontend = ResNetVideoFrontend(dim, trunk_width)
+        self.video_frontend = ResNetVideoFrontend(dim, trunk_width, stem_pool=stem_pool)
         self.fusion = EarlyFusion(dim, fusion, norm_eps)
         self.input_dropout = nn.Dropout(input_dropout)
         self.mask_embedding = MaskEmbedding(dim)
