@@ -4,7 +4,7 @@ synthetic shift task (audio tokens = the visual tokens shifted by k, plus noise)
 import pytest
 import torch
 
-from avplugins.modules.synchformer_net import SynchformerNet
+from avplugins.modules.synchformer_net import SynchformerNet, init_feature_copy
 from avplugins.modules.sync_transformer import SyncTransformer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,11 +29,8 @@ def sync_module(init: str):
                            num_offset_classes=2 * MAX_SHIFT + 1, dropout=0.0, attn_dropout=0.0)
     vproj, aproj = torch.nn.Linear(FEATURE_DIM, SYNC_DIM), torch.nn.Linear(FEATURE_DIM, SYNC_DIM)
     if init == "aligned":
-        with torch.no_grad():
-            for projection in (vproj, aproj):
-                projection.weight.zero_()
-                projection.weight[:FEATURE_DIM] = torch.eye(FEATURE_DIM)
-                projection.bias.zero_()
+        for projection in (vproj, aproj):
+            init_feature_copy(projection)
         sync.init_aligned(FEATURE_DIM)
     return sync, vproj, aproj
 

@@ -23,6 +23,15 @@ def pooled_segment_embeddings(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.mean(dim=2), dim=-1)
 
 
+@torch.no_grad()
+def init_feature_copy(projection: nn.Linear) -> None:
+    """Set ``projection`` (``in_features`` -> ``out_features >= in_features``) to copy its input
+    into the first ``in_features`` output channels and leave the others zero (in place)."""
+    projection.weight.zero_()
+    projection.weight[:projection.in_features].copy_(torch.eye(projection.in_features))
+    projection.bias.zero_()
+
+
 class SynchformerNet(nn.Module):
     """Both feature towers, optionally followed by ``vproj`` / ``aproj`` and the sync module.
 
@@ -69,11 +78,9 @@ class SynchformerNet(nn.Module):
                 f"for both towers, got {self.visual.dim} and {self.audio.dim}: use model.sync_init=official"
             )
         content_dim = self.visual.dim
-        self.sync.aligned_channels(content_dim)
+        self.sync.aligned_channels(content_dim)  # refuse a too narrow module before changing anything
         for projection in (self.vproj, self.aproj):
-            projection.weight.zero_()
-            projection.weight[:content_dim].copy_(torch.eye(content_dim))
-            projection.bias.zero_()
+            init_feature_copy(projection)
         self.sync.init_aligned(content_dim)
 
     @classmethod
