@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from avplugins.modules.attention import TransformerBlock, init_transformer_weights
+from avplugins.modules.patch_embed import embed_patches
 from avplugins.modules.motionformer import ClsAggregator, TowerSettings
 
 
@@ -92,7 +93,7 @@ class AudioSpectrogramTransformer(nn.Module):
         Returns:
             (N, f, t, D) final-normed patch tokens, without the CLS and distillation tokens.
         """
-        x = self.patch_embed(spectrograms).flatten(2).transpose(1, 2)  # (N, f * t, D)
+        x = embed_patches(spectrograms, self.patch_embed).flatten(2).transpose(1, 2)  # (N, f * t, D)
         extra = torch.cat((self.cls_token, self.dist_token), dim=1).expand(x.shape[0], -1, -1)
         x = self.pos_dropout(torch.cat((extra, x), dim=1) + self.pos_embed)
         for block in self.blocks:

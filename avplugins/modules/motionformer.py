@@ -23,6 +23,7 @@ from avplugins.modules.attention import (
     TransformerBlock,
     init_transformer_weights,
 )
+from avplugins.modules.patch_embed import embed_patches
 
 SPACE = "space"
 TIME = "time"
@@ -265,7 +266,7 @@ class Motionformer(nn.Module):
             ``(tokens, t)``: final-normed patch tokens (N, t, h * w, D) without the CLS token,
             and the number of temporal slots t.
         """
-        x = self.patch_embed(clips)  # (N, D, t, h, w)
+        x = embed_patches(clips, self.patch_embed)  # (N, D, t, h, w)
         num_slots, num_patches = x.shape[2], x.shape[3] * x.shape[4]
         x = x.flatten(2).transpose(1, 2)  # (N, t * h * w, D), time-major
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
