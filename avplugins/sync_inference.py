@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from avplugins.checkpoint import load_model_and_config
 from avplugins.data import media
-from avplugins.data.features import synchformer_audio_features
+from avplugins.data.features import synchformer_audio_features_at
 from avplugins.data.sync_sampling import SegmentLayout, offset_grid, segment_start_frames, segment_start_samples
 from avplugins.data.transforms import synchformer_video_transform
 from avplugins.models.synchformer import SynchformerModel
@@ -179,22 +179,6 @@ def window_start_segments(num_segments: int, window_segments: int, stride_segmen
     return np.arange(0, num_segments - window_segments + 1, stride_segments, dtype=np.int64)
 
 
-def cut_into_segments(
-    video: torch.Tensor, samples: torch.Tensor, layout: SegmentLayout
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cut a span into ``layout.num_segments`` segments, ``stride_frames`` / ``stride_samples``
-    apart from its first frame / sample.
-
-    Args:
-        video: (>= span_frames, ...) frames; samples: (>= span_samples,) audio.
-    Returns:
-        (S, segment_frames, ...) frames, (S, segment_samples) samples.
-    """
-    frame_index = segment_start_frames(layout, 0)[:, None] + np.arange(layout.segment_frames)
-    sample_index = segment_start_samples(layout, 0)[:, None] + np.arange(layout.segment_samples)
-    return video[torch.as_tensor(frame_index)], samples[torch.as_tensor(sample_index)]
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -263,8 +247,9 @@ def decode_segments(
     video = synchformer_video_transform(frames[: layout.span_frames], crop_size=settings.crop_size)
     first_sample = first * layout.stride_samples
     samples = torch.from_numpy(source.samples[first_sample: first_sample + layout.span_samples])
-    video_segments, audio_segments = cut_into_segments(video, samples, layout)
-    return video_segments, synchformer_audio_features(audio_segments)
+    frame_index = segment_start_frames(layout, 0)[:, None] + np.arange(layout.segment_frames)
+    audio_starts = torch.as_tensor(segment_start_samples(layout, 0))
+    return video[torch.as_tensor(frame_index)], synchformer_audio_features_at(samples, audio_starts, layout.segment_samples)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

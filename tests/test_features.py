@@ -224,3 +224,23 @@ def test_logfbank_rejects_multichannel_and_empty_audio():
         feat.logfbank_features(np.zeros((2, 100)))
     with pytest.raises(ValueError, match="audio has no samples"):
         feat.logfbank_features(np.zeros(0, np.float32))
+
+
+@pytest.mark.parametrize(
+    "num_samples, starts, segment_samples",
+    [
+        (48000, list(range(0, 48000 - 10240 + 1, 640)), 10240),  # every 25 fps frame (feature cache)
+        (40000, [0, 5120, 10240, 29760], 10240),  # 50 % overlap (stage 2, avsync predict), clip end
+        (30000, [0, 3200, 16000], 10240),
+        (30000, [0, 100, 7000], 10240),  # off the hop grid: per-segment fallback
+        (6000, [0, 160, 800], 1600),  # short segments: few shared frames
+        (6000, [0, 160, 800], 1100),  # too short to share frames: fallback
+    ],
+)
+def test_segment_features_sharing_frames_equal_per_segment(num_samples, starts, segment_samples):
+    samples = torch.from_numpy(np.random.default_rng(3).standard_normal(num_samples).astype(np.float32) * 0.1)
+    starts = torch.tensor(starts)
+    per_segment = feat.synchformer_audio_features(samples[starts[:, None] + torch.arange(segment_samples)])
+    shared = feat.synchformer_audio_features_at(samples, starts, segment_samples)
+    assert shared.shape == per_segment.shape
+    torch.testing.assert_close(shared, per_segment, rtol=1e-6, atol=1e-5)

@@ -13,7 +13,7 @@ the AudioSet statistics of AST. Order as in the official transform sequence
 """
 import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import python_speech_features
@@ -247,16 +247,15 @@ class LogMelSpectrogram(nn.Module):
         filterbank = htk_mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate)
         self.register_buffer("mel_filterbank", torch.from_numpy(filterbank), persistent=False)
 
-    def mel_power(self, samples: torch.Tensor) -> torch.Tensor:
-        """(..., N) samples -> (..., n_mels, N // hop_length + 1) Mel power (before the log)."""
+    def power_spectrum(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, N) samples -> (B, n_fft // 2 + 1, N // hop_length + 1) STFT power ``|X|^2``."""
         if samples.shape[-1] <= self.n_fft // 2:
             raise ValueError(
                 f"audio of {samples.shape[-1]} samples is too short for a centred STFT with "
                 f"n_fft {self.n_fft}: reflect padding needs more than {self.n_fft // 2} samples"
             )
-        leading_shape = samples.shape[:-1]
         stft = torch.stft(
-            samples.reshape(-1, samples.shape[-1]),
+            samples,
             n_fft=self.n_fft,
             hop_length=self.hop_length,
             window=self.window.to(samples.dtype),
@@ -266,9 +265,60 @@ class LogMelSpectrogram(nn.Module):
             onesided=True,
             return_complex=True,
         )
-        power = stft.real.square() + stft.imag.square()  # (B, n_fft // 2 + 1, T)
+        return stft.real.square() + stft.imag.square()
+
+    def mel_power(self, samples: torch.Tensor) -> torch.Tensor:
+        """(..., N) samples -> (..., n_mels, N // hop_length + 1) Mel power (before the log)."""
+        leading_shape = samples.shape[:-1]
+        power = self.power_spectrum(samples.reshape(-1, samples.shape[-1]))
         mel = torch.matmul(self.mel_filterbank.to(power.dtype), power)
         return mel.reshape(*leading_shape, *mel.shape[-2:])
+
+    def window_support(self) -> Tuple[int, int]:
+        """(first, last + 1): samples around a frame's centre where the window is non-zero."""
+        nonzero = torch.nonzero(self.window).flatten()
+        return int(nonzero[0]) - self.n_fft // 2, int(nonzero[-1]) + 1 - self.n_fft // 2
+
+    def segments_mel_power(self, samples: torch.Tensor, starts: torch.Tensor, segment_samples: int) -> torch.Tensor:
+        """``mel_power`` of the segments ``samples[s : s + segment_samples]`` for s in ``starts``,
+        with the STFT frames that segments share computed once.
+
+        A frame whose window lies inside its segment is also a frame of the whole signal when
+        the segment starts on the hop grid, so only the few frames at each segment's edges
+        (where the segment's own reflect padding enters) are computed per segment. Equal to
+        per-segment ``mel_power`` up to the order of float additions in the Mel projection.
+
+        Args:
+            samples: (N,) one signal; starts: (S,) segment starts in samples.
+        Returns:
+            (S, n_mels, segment_samples // hop_length + 1) Mel power.
+        """
+        hop = self.hop_length
+        starts = torch.as_tensor(starts, dtype=torch.long)
+        support_first, support_end = self.window_support()
+        first_inner = -(support_first // hop)  # ceil(-support_first / hop)
+        last_inner = (segment_samples - support_end) // hop
+        edge_samples = self.n_fft  # > n_fft // 2 for reflect padding, covers the edge frames
+        if (
+            bool((starts % hop != 0).any())
+            or first_inner > last_inner
+            or segment_samples < edge_samples + hop
+        ):
+            offsets = torch.arange(segment_samples)
+            return self.mel_power(samples[starts[:, None] + offsets])
+
+        filterbank = self.mel_filterbank.to(samples.dtype)
+        whole = torch.matmul(filterbank, self.power_spectrum(samples[None])[0])  # (n_mels, N // hop + 1)
+        inner = whole[:, (starts // hop)[:, None] + torch.arange(first_inner, last_inner + 1)]  # (n_mels, S, k)
+
+        head = samples[starts[:, None] + torch.arange(edge_samples)]
+        head_power = self.power_spectrum(head)[:, :, :first_inner]
+        tail_first = (segment_samples - edge_samples) // hop * hop  # on the hop grid
+        tail = samples[starts[:, None] + torch.arange(tail_first, segment_samples)]
+        tail_power = self.power_spectrum(tail)[:, :, last_inner + 1 - tail_first // hop :]
+        return torch.cat(
+            (torch.matmul(filterbank, head_power), inner.permute(1, 0, 2), torch.matmul(filterbank, tail_power)), dim=-1
+        )
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel_power(samples) + self.log_offset)
@@ -308,4 +358,28 @@ def synchformer_audio_features(
         column therefore holds ``synchformer_normalize(0)``, as in the official pipeline.
     """
     log_mel = _default_log_mel(segments.device) if log_mel is None else log_mel
-    return synchformer_normalize(pad_or_trim_time(log_mel(segments))).unsqueeze(-3)
+    return _ast_input(log_mel(segments))
+
+
+def synchformer_audio_features_at(
+    samples: torch.Tensor,
+    starts: torch.Tensor,
+    segment_samples: int = SEGMENT_SAMPLES,
+    log_mel: Optional[LogMelSpectrogram] = None,
+) -> torch.Tensor:
+    """``synchformer_audio_features`` of the segments of one signal starting at ``starts``,
+    sharing the STFT frames of overlapping segments (``LogMelSpectrogram.segments_mel_power``).
+
+    Args:
+        samples: (N,) float audio at 16 kHz; starts: (S,) segment starts in samples.
+    Returns:
+        (S, 1, 128, 66), as ``synchformer_audio_features(samples[starts[:, None] + arange(10240)])``.
+    """
+    log_mel = _default_log_mel(samples.device) if log_mel is None else log_mel
+    mel_power = log_mel.segments_mel_power(samples, starts, segment_samples)
+    return _ast_input(torch.log(mel_power + log_mel.log_offset))
+
+
+def _ast_input(log_mel: torch.Tensor) -> torch.Tensor:
+    """(..., 128, 65) log-mel -> (..., 1, 128, 66) padded and normalised AST input."""
+    return synchformer_normalize(pad_or_trim_time(log_mel)).unsqueeze(-3)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from avplugins.data import sync_sampling
-from avplugins.data.features import synchformer_audio_features
+from avplugins.data.features import synchformer_audio_features_at
 from avplugins.data.manifest import ManifestEntry
 from avplugins.data.media import MediaError
 from avplugins.data.sync_dataset import AVClipDataset, AVOffsetDataset, ClipWindow
@@ -131,10 +131,11 @@ def clip_segment_batches(
     for first in range(0, num_starts, batch_segments):
         starts = np.arange(first, min(first + batch_segments, num_starts))
         frame_index = torch.as_tensor(starts[:, None] + np.arange(layout.segment_frames))
-        sample_index = torch.as_tensor(
-            starts[:, None] * layout.samples_per_frame + np.arange(layout.segment_samples)
-        )
-        yield video[frame_index], synchformer_audio_features(samples[sample_index])
+        # the audio this batch spans, so that its shared STFT frames are computed once
+        first_sample = int(starts[0]) * layout.samples_per_frame
+        span = samples[first_sample: int(starts[-1]) * layout.samples_per_frame + layout.segment_samples]
+        audio_starts = torch.as_tensor((starts - starts[0]) * layout.samples_per_frame)
+        yield video[frame_index], synchformer_audio_features_at(span, audio_starts, layout.segment_samples)
 
 
 @torch.no_grad()
