@@ -298,7 +298,9 @@ class LogMelSpectrogram(nn.Module):
         support_first, support_end = self.window_support()
         first_inner = -(support_first // hop)  # ceil(-support_first / hop)
         last_inner = (segment_samples - support_end) // hop
-        edge_samples = self.n_fft  # > n_fft // 2 for reflect padding, covers the edge frames
+        # excerpts for the edge frames: longer than the reflect padding (n_fft // 2) and than a
+        # window plus a hop, on the hop grid, so the frames kept see what the segment's own see
+        edge_samples = -(-max(self.n_fft // 2 + 1, support_end - support_first + hop) // hop) * hop
         if (
             bool((starts % hop != 0).any())
             or first_inner > last_inner
@@ -307,8 +309,11 @@ class LogMelSpectrogram(nn.Module):
             offsets = torch.arange(segment_samples)
             return self.mel_power(samples[starts[:, None] + offsets])
 
+        span_start = int(starts.min())  # on the hop grid: only the samples the segments cover
+        samples = samples[span_start: int(starts.max()) + segment_samples]
+        starts = starts - span_start
         filterbank = self.mel_filterbank.to(samples.dtype)
-        whole = torch.matmul(filterbank, self.power_spectrum(samples[None])[0])  # (n_mels, N // hop + 1)
+        whole = torch.matmul(filterbank, self.power_spectrum(samples[None])[0])  # (n_mels, span // hop + 1)
         inner = whole[:, (starts // hop)[:, None] + torch.arange(first_inner, last_inner + 1)]  # (n_mels, S, k)
 
         head = samples[starts[:, None] + torch.arange(edge_samples)]

@@ -131,11 +131,8 @@ def clip_segment_batches(
     for first in range(0, num_starts, batch_segments):
         starts = np.arange(first, min(first + batch_segments, num_starts))
         frame_index = torch.as_tensor(starts[:, None] + np.arange(layout.segment_frames))
-        # the audio this batch spans, so that its shared STFT frames are computed once
-        first_sample = int(starts[0]) * layout.samples_per_frame
-        span = samples[first_sample: int(starts[-1]) * layout.samples_per_frame + layout.segment_samples]
-        audio_starts = torch.as_tensor((starts - starts[0]) * layout.samples_per_frame)
-        yield video[frame_index], synchformer_audio_features_at(span, audio_starts, layout.segment_samples)
+        audio_starts = torch.as_tensor(starts * layout.samples_per_frame)
+        yield video[frame_index], synchformer_audio_features_at(samples, audio_starts, layout.segment_samples)
 
 
 @torch.no_grad()
