@@ -5,7 +5,9 @@ spirit (plain float arithmetic, one full-size copy per step): the Synchformer vi
 (float conversion before crop / flip, segments cut from the normalised float clip), the float64
 AV-HuBERT grayscale normalisation, ``python_speech_features.logfbank`` as the oracle of the
 filterbank with framing by strided views, and FFmpeg's default probing for WAV files opened
-from their header. Items of both datasets are compared end to end on clips written here.
+from their header. Items of both datasets are compared end to end on clips written here, the
+Synchformer ones also as uint8 frames normalised where the batch meets the model
+(``transforms.normalized_segments``).
 """
 import numpy as np
 import pytest
@@ -115,6 +117,26 @@ def test_stage1_segments_with_colour_distortion_equal_the_reference():
     assert num_distorted < 40  # most clips take the exact uint8 path
 
 
+@pytest.mark.parametrize("shape,starts", [((30, 40, 44, 3), None), ((30, 40, 44, 3), [0, 6, 14]),
+                                          ((3, 8, 40, 44, 3), None)])
+def test_uint8_frames_normalise_to_the_reference(shape, starts):
+    """normalize=False gives the cropped and flipped uint8 frames, laid out as decoded (H, W, 3),
+    drawing the same random numbers: normalised where the batch meets the model, bit-equal."""
+    frames = _rgb_frames(shape, seed=4)
+    segments = None if starts is None else torch.as_tensor(np.array(starts)[:, None] + np.arange(16))
+    for seed in range(8):
+        rng, reference_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        ours = tr.synchformer_video_transform(frames, 32, True, rng, small_crop_p=0.5, normalize=False,
+                                              segment_starts=starts, segment_frames=16 if starts else None)
+        expected = reference_synchformer_video_transform(frames, 32, True, reference_rng, small_crop_p=0.5)
+        expected = expected if segments is None else expected[segments]
+        assert rng.random() == reference_rng.random()  # the same number of draws
+        assert ours.dtype == torch.uint8 and ours.shape == expected.shape and ours.movedim(-3, -1).is_contiguous()
+        assert torch.equal(tr.normalized_segments(ours[None])[0], expected), seed
+    evaluated = tr.synchformer_video_transform(frames, 32, normalize=False)
+    assert torch.equal(tr.normalized_segments(evaluated[None])[0], reference_synchformer_video_transform(frames, 32))
+
+
 def test_segments_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match=r"segments of 16 frames starting at \[0, 20\] do not fit in a clip of 30"):
         tr.synchformer_video_transform(_rgb_frames((30, 40, 40, 3)), 32, segment_starts=[0, 20], segment_frames=16)
@@ -177,9 +199,14 @@ def gray_corpus(tmp_path_factory):
 LAYOUT = SegmentLayout(num_segments=4, segment_frames=8, stride_frames=4)
 
 
-@pytest.mark.parametrize("stage", ["offset", "segment"])
-def test_sync_items_equal_the_reference(rgb_corpus, stage):
-    config = ClipSamplingConfig(layout=LAYOUT, crop_size=32, sometimes_upscale_p=0.3, color_augment=stage == "segment")
+@pytest.mark.parametrize("stage,color_augment,uint8_video", [
+    ("offset", False, False), ("offset", False, True),
+    ("segment", True, False), ("segment", True, True), ("segment", False, True),
+])
+def test_sync_items_equal_the_reference(rgb_corpus, stage, color_augment, uint8_video):
+    """Float items, or uint8 items as the models normalise them (colour augmentation keeps floats)."""
+    config = ClipSamplingConfig(layout=LAYOUT, crop_size=32, sometimes_upscale_p=0.3, color_augment=color_augment,
+                                uint8_video=uint8_video)
     manifest = str(rgb_corpus / "train.tsv")
     dataset = (AVOffsetDataset(manifest, config, train=True, crop_s=1.0, max_offset_s=0.4, num_offset_classes=5)
                if stage == "offset" else AVSegmentDataset(manifest, config, train=True))
@@ -195,10 +222,14 @@ def test_sync_items_equal_the_reference(rgb_corpus, stage):
             expected = reference_synchformer_video_transform(frames, 32, True, rng, small_crop_p=0.3)[
                 torch.as_tensor(index)]
         else:
-            expected = reference_synchformer_video_transform(frames[index], 32, True, rng, color_augment=True,
+            expected = reference_synchformer_video_transform(frames[index], 32, True, rng, color_augment=color_augment,
                                                              small_crop_p=0.3)
-        assert item["video"].shape == (4, 8, 3, 32, 32)
-        torch.testing.assert_close(item["video"], expected, rtol=0, atol=1e-6 if stage == "segment" else 0)
+        video = item["video"]
+        assert video.dtype == (torch.uint8 if uint8_video and not color_augment else torch.float32)
+        if video.dtype == torch.uint8:
+            video = tr.normalized_segments(video[None], item.get("video_frame_index"))[0]
+        assert video.shape == (4, 8, 3, 32, 32)
+        torch.testing.assert_close(video, expected, rtol=0, atol=1e-6 if color_augment else 0)
 
 
 def test_speech_items_equal_the_reference(gray_corpus):

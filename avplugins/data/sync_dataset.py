@@ -8,8 +8,14 @@
   draws half of the training offsets from the grid and half as +-the segment span (no overlap).
 
 Items are ``{"id", "video" (S, T, 3, H, W) float32 normalised, "audio" (S, 1, 128, 66) float32
-normalised log-mels, "offset_s", "offset_target", "sync_target"}``. Every random choice of an item
-comes from a generator seeded by (seed, epoch, index), so a resumed run sees the same samples.
+normalised log-mels, "offset_s", "offset_target", "sync_target"}``. With
+``ClipSamplingConfig.uint8_video`` (what the tasks use) "video" holds uint8 frames instead, which
+the Synchformer models normalise on their device (``transforms.normalized_segments``): stage 2's
+overlapping segments as the clip's F unique frames (F, 3, H, W) plus ``"video_frame_index"``
+(S, T) (frame t of segment s is ``video[index[s, t]]``), stage 1's as (S, T, 3, H, W): 7.5
+(stage 2) or 4 (stage 1) times less memory and copying than float segments. Every random choice
+of an item comes from a generator seeded by (seed, epoch, index), so a resumed run sees the same
+samples.
 """
 import csv
 from dataclasses import dataclass
@@ -25,7 +31,7 @@ from avplugins.data.manifest import ManifestEntry, validate_manifest
 from avplugins.data.media import MediaError, probe, read_audio, read_video
 from avplugins.data.row_dataset import ManifestRowDataset
 from avplugins.data.sync_sampling import SegmentLayout
-from avplugins.data.transforms import synchformer_video_transform
+from avplugins.data.transforms import numpy_backed_empty, synchformer_video_transform
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class ClipSamplingConfig:
     color_augment: bool = False
     skip_invalid: bool = False
     seed: int = 1
+    uint8_video: bool = False  # uint8 frames in the items, except where colour augmentation needs floats
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,19 @@ def short_side_size(height: int, width: int, short_side: int) -> Tuple[int, int]
     if height <= width:
         return short_side, max(1, round(width * short_side / height))
     return max(1, round(height * short_side / width)), short_side
+
+
+def stack_in_memory_order(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` (B, ...) into :func:`numpy_backed_empty` memory, keeping
+    channels-last memory: uint8 video items laid out as (..., H, W, 3) are stacked as such (a copy
+    of whole pixel rows, where ``torch.stack`` would transpose every pixel into (..., 3, H, W)
+    memory)."""
+    first = tensors[0]
+    channels_last = first.ndim >= 3 and not first.is_contiguous() and first.movedim(-3, -1).is_contiguous()
+    if channels_last:
+        tensors = [tensor.movedim(-3, -1) for tensor in tensors]
+    batch = torch.stack(tensors, out=numpy_backed_empty((len(tensors), *tensors[0].shape), first.dtype))
+    return batch.movedim(-1, -3) if channels_last else batch
 
 
 class AVClipDataset(ManifestRowDataset):
@@ -128,6 +148,8 @@ class AVClipDataset(ManifestRowDataset):
             manifest_path, check_files=False, skip_invalid=config.skip_invalid, skip_hint=SKIP_HINT
         )
         self.init_skipping(config.skip_invalid)
+        # colour-distorted frames are floats: those items stay normalised float32
+        self.uint8_video = config.uint8_video and not (train and config.color_augment)
         self._frame_sizes: Dict[str, Tuple[int, int]] = {}
 
     def item_rng(self, index: int) -> np.random.Generator:
@@ -198,12 +220,13 @@ class AVClipDataset(ManifestRowDataset):
         return frames, samples
 
     def video_transform(
-        self, frames, rng: Optional[np.random.Generator], segment_starts: Optional[np.ndarray] = None
+        self, frames, rng: Optional[np.random.Generator], segment_starts: Optional[np.ndarray] = None,
+        normalize: bool = True,
     ) -> torch.Tensor:
         """uint8 (..., T, H, W, 3) -> float32 (..., T, 3, crop, crop): random crop and flip
         (+ colour) when ``rng`` is given, centre crop otherwise; with ``segment_starts`` (S,)
         frames, the clip's segments (..., S, segment_frames, 3, crop, crop), cut after it is
-        augmented."""
+        augmented; uint8 frames with ``normalize=False``."""
         return synchformer_video_transform(
             frames,
             crop_size=self.config.crop_size,
@@ -213,29 +236,38 @@ class AVClipDataset(ManifestRowDataset):
             small_crop_p=self.config.sometimes_upscale_p,
             segment_starts=segment_starts,
             segment_frames=None if segment_starts is None else self.layout.segment_frames,
+            normalize=normalize,
         )
 
     def load_segments(
         self, entry: ManifestEntry, window: ClipWindow, rng: Optional[np.random.Generator]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> Dict[str, torch.Tensor]:
         """Decode the span of ``window`` and cut it into segments.
 
         Returns:
-            video (S, T, 3, H, W) float32 normalised, audio (S, 1, 128, 66) float32.
+            ``video`` (S, T, 3, H, W) float32 normalised, ``audio`` (S, 1, 128, 66) float32; with
+            :attr:`uint8_video`, ``video`` uint8 (S, T, 3, H, W), or for segments cut after the
+            clip is augmented (stage 2) uint8 (F, 3, H, W) frames plus ``video_frame_index``
+            (S, T) int64 into them.
         """
         layout = self.layout
         frames, samples = self.decode(
             entry, window.video_start_frame, layout.span_frames, window.audio_start_sample, layout.span_samples
         )
         segment_starts = sync_sampling.segment_start_frames(layout, 0)
-        if self.augment_per_segment:
-            video = self.video_transform(frames[segment_starts[:, None] + np.arange(layout.segment_frames)], rng)
-        else:
-            video = self.video_transform(frames, rng, segment_starts)
+        frame_index = segment_starts[:, None] + np.arange(layout.segment_frames)
+        normalize = not self.uint8_video
         sample_starts = sync_sampling.segment_start_samples(layout, 0)
         sample_index = torch.as_tensor(sample_starts[:, None] + np.arange(layout.segment_samples))
-        audio = synchformer_audio_features(torch.from_numpy(samples)[sample_index])
-        return video, audio
+        inputs = {"audio": synchformer_audio_features(torch.from_numpy(samples)[sample_index])}
+        if self.augment_per_segment:
+            inputs["video"] = self.video_transform(frames[frame_index], rng, normalize=normalize)
+        elif normalize:
+            inputs["video"] = self.video_transform(frames, rng, segment_starts)
+        else:
+            inputs["video"] = self.video_transform(frames, rng, normalize=False)
+            inputs["video_frame_index"] = torch.as_tensor(frame_index)
+        return inputs
 
     def sample_window(self, index: int, rng: Optional[np.random.Generator]) -> ClipWindow:
         raise NotImplementedError
@@ -244,8 +276,7 @@ class AVClipDataset(ManifestRowDataset):
         entry = self.entries[index]
         rng = self.item_rng(index) if self.train else None
         window = self.sample_window(index, rng)
-        video, audio = self.load_segments(entry, window, rng)
-        return self.make_item(index, window, video=video, audio=audio)
+        return self.make_item(index, window, **self.load_segments(entry, window, rng))
 
     def make_item(self, index: int, window: ClipWindow, **inputs: torch.Tensor) -> dict:
         return {"id": index, **inputs, "offset_s": window.offset_s, "sync_target": window.synchronizable,
@@ -255,14 +286,20 @@ class AVClipDataset(ManifestRowDataset):
         return 0
 
     def collater(self, items: List[Optional[dict]]) -> dict:
+        """Items -> a batch: ``net_input`` holds the stacked ``input_keys`` (B, ...) and, for
+        uint8 stage-2 items, their ``video_frame_index`` (S, T) (set by the layout: the same for
+        every item of a dataset)."""
         items = [item for item in items if item is not None]
         if not items:
             return {}
+        net_input = {key: stack_in_memory_order([item[key] for item in items]) for key in self.input_keys}
+        if "video_frame_index" in items[0]:
+            net_input["video_frame_index"] = items[0]["video_frame_index"]
         return {
             "id": torch.tensor([item["id"] for item in items]),
             "nsentences": len(items),
             "ntokens": len(items),
-            "net_input": {key: torch.stack([item[key] for item in items]) for key in self.input_keys},
+            "net_input": net_input,
             "target": torch.tensor([item["offset_target"] for item in items]),
             "sync_target": torch.tensor([item["sync_target"] for item in items]),
             "offset_s": torch.tensor([item["offset_s"] for item in items]),

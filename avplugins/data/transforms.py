@@ -6,7 +6,9 @@ normalise mean 0.421, std 0.165 -> float32 (T, 88, 88).
 
 Synchformer (the official ``dataset/transforms.py`` and ``configs/*.yaml`` of v-iashin/Synchformer,
 torch): RGB uint8 (T, H, W, 3) -> spatial crop -> [0, 1] -> optional colour jitter / grayscale
--> horizontal flip -> normalise mean 0.5, std 0.5 -> float32 (T, 3, crop, crop).
+-> horizontal flip -> normalise mean 0.5, std 0.5 -> float32 (T, 3, crop, crop). The datasets
+stop at the cropped and flipped uint8 frames; the models normalise them on their device
+(:func:`normalized_segments`), bit-equal.
 
 Randomness only comes from the ``np.random.Generator`` passed in, never from global state, so a
 dataset can make every sample reproducible from (seed, epoch, index).
@@ -307,6 +309,13 @@ def random_color_distortion(video: torch.Tensor, rng: np.random.Generator) -> to
 
 
 # --- Synchformer ---------------------------------------------------------------------------
+def numpy_backed_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` in memory that numpy allocates: numpy asks the kernel
+    for transparent huge pages for large arrays (torch's CPU allocator only does with
+    ``THP_MEM_ALLOC_ENABLE=1``), which halves the cost of first touching fresh frames."""
+    return torch.from_numpy(np.empty(tuple(shape), dtype=torch.empty((), dtype=dtype).numpy().dtype))
+
+
 def rgb_frames_to_tensor(frames: Frames) -> torch.Tensor:
     """(T, H, W, 3) or (S, T, H, W, 3) uint8 numpy or torch frames -> (..., 3, H, W) uint8 torch
     (a view of contiguous input)."""
@@ -329,10 +338,46 @@ def uint8_to_normalized_rgb(video: torch.Tensor, out: Optional[torch.Tensor] = N
 
     Bit-equal to ``normalize_rgb(video.float() / 255)`` in two passes and one allocation instead
     of four of each: ``x / 255`` is rounded as there, and ``2 a - 1`` equals ``(a - 0.5) / 0.5``
-    exactly because multiplying by 1 / RGB_STD = 2 is exact in binary floating point.
+    exactly because multiplying by 1 / RGB_STD = 2 is exact in binary floating point. The
+    constants are tensors on ``video``'s device: CUDA turns a division by a Python number into a
+    multiplication by its rounded reciprocal, which is not bit-equal.
     """
-    out = torch.div(video, 255.0, out=out)
-    return torch.add(out.new_tensor(-RGB_MEAN / RGB_STD), out, alpha=1.0 / RGB_STD, out=out)
+    out = torch.div(video, torch.full((), 255.0, device=video.device), out=out)
+    shift = torch.full((), -RGB_MEAN / RGB_STD, device=out.device)
+    return torch.add(shift, out, alpha=1.0 / RGB_STD, out=out)
+
+
+def normalized_segments(
+    video: torch.Tensor, frame_index: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A batch's video as the Synchformer towers take it: normalised (B, S, T, 3, H, W) segments.
+
+    Datasets hand over uint8 frames (4x less memory than floats, and the overlapping segments of
+    stage 2 as the clip's unique frames); this normalises them where the batch meets the model,
+    on its device, bit-equal to normalising them in the dataset.
+
+    Args:
+        video: uint8 frames, (B, F, 3, H, W) with ``frame_index`` or (B, S, T, 3, H, W) without,
+            in any memory order; or floats that are already normalised, (B, S, T, 3, H, W).
+        frame_index: (S, T) integer: frame t of segment s is ``video[:, frame_index[s, t]]``.
+        dtype: floating dtype of the result for uint8 input (the towers' weights' dtype); the
+            values are computed in float32 first, as a float32 item cast by the trainer.
+
+    Returns:
+        (B, S, T, 3, H, W): uint8 input normalised to ``(x / 255 - 0.5) / 0.5``, contiguous;
+        floating input as given (gathered with ``frame_index`` if given).
+    """
+    if frame_index is not None:
+        video = video[:, frame_index.to(video.device)]
+    if video.dtype == torch.uint8:
+        normalized = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+        return uint8_to_normalized_rgb(video, out=normalized).to(dtype)
+    if not video.is_floating_point():
+        raise ValueError(
+            f"video must be uint8 frames (0..255) or normalised floating-point frames, got {video.dtype}: "
+            "convert integer frames to uint8"
+        )
+    return video
 
 
 def synchformer_train_crop(
@@ -365,20 +410,29 @@ def _segment_windows(
     return [slice(start, start + segment_frames) for start in starts]
 
 
-def _write_normalized_clip(
+def _write_clip(
     clip: torch.Tensor,
     distortion: Optional[VideoOp],
     flip: bool,
     windows: Sequence[slice],
     out: torch.Tensor,
 ) -> None:
-    """Colour-distort (optional), flip (optional) and normalise a cropped uint8 (T, 3, h, w)
-    clip, writing the frames of each window into ``out`` (len(windows), L, 3, h, w) float32.
+    """Colour-distort (optional), flip (optional) and cut a cropped uint8 (T, 3, h, w) clip,
+    writing the frames of each window into ``out`` (len(windows), L, 3, h, w): uint8 frames as
+    they are, or float32 normalised.
 
-    Without colour distortion the flip and the cut stay on uint8 and each output value is
-    computed once (:func:`uint8_to_normalized_rgb`), straight into ``out``; colour distortion
-    needs [0, 1] floats and takes the float path of the official order (colour, flip, normalise).
+    Without colour distortion the flip and the cut stay on uint8: uint8 frames are copied in the
+    decoder's (h, w, 3) memory order (whole rows of pixels), normalised values are computed once
+    (:func:`uint8_to_normalized_rgb`), straight into ``out``. Colour distortion needs [0, 1]
+    floats and takes the float path of the official order (colour, flip, normalise).
     """
+    if out.dtype == torch.uint8:
+        source = clip.movedim(-3, -1)
+        if flip:
+            source = torch.flip(source, dims=(-2,))
+        for window, window_out in zip(windows, out):
+            window_out.movedim(-3, -1).copy_(source[window])
+        return
     if distortion is None:
         source = clip.contiguous()
         if flip:
@@ -404,6 +458,7 @@ def synchformer_video_transform(
     short_side: Optional[int] = None,
     segment_starts: Optional[Sequence[int]] = None,
     segment_frames: Optional[int] = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Synchformer's video input.
 
@@ -423,11 +478,15 @@ def synchformer_video_transform(
             cut after the clip is augmented: equal to ``transform(frames)[index]`` with
             ``index = starts[:, None] + arange(segment_frames)``, without normalising frames
             that are not returned (nor copying the ones returned twice in float).
+        normalize: False returns the cropped and flipped uint8 frames, for the model to normalise
+            (:func:`normalized_segments`); colour augmentation needs floats and is refused then.
 
     Returns:
         float32 (T, 3, crop_size, crop_size), or (S, T, 3, crop_size, crop_size), normalised to
         ``(x / 255 - 0.5) / 0.5``; with segments, (..., S', segment_frames, 3, crop, crop) where
-        S' = len(segment_starts) replaces T.
+        S' = len(segment_starts) replaces T. With ``normalize=False`` the same shape in uint8,
+        laid out in memory as (..., crop, crop, 3) like the decoded frames (``.movedim(-3, -1)``
+        is contiguous).
 
     As in the official pipelines, the crop window is shared by all frames (and segments), while
     the flip and the colour distortion are drawn per (T, 3, H, W) clip: for segments (S, T, ...)
@@ -437,6 +496,11 @@ def synchformer_video_transform(
     float [0, 1] instead of uint8 (no intermediate rounding), and the output is float32 where
     stage 2 uses float16.
     """
+    if train and color_augment and not normalize:
+        raise ValueError(
+            "colour augmentation works on float frames and cannot give uint8 ones: pass normalize=True "
+            "with color_augment"
+        )
     video = rgb_frames_to_tensor(frames)
     if short_side is not None:
         video = resize_short_side(video, short_side)
@@ -446,12 +510,24 @@ def synchformer_video_transform(
     else:
         video = center_crop(video, crop_size)
     clips = video.reshape(-1, *video.shape[-4:])  # (N, T, 3, h, w) uint8, a view
+    if not normalize and len(clips) == 1 and segment_starts is None:
+        # one whole clip: its flipped (or plain) copy is the output, one pass over the frames
+        frames = clips[0].movedim(-3, -1)
+        if train and rng.random() < FLIP_P:
+            frames = torch.flip(frames, dims=(-2,))
+        else:
+            frames = numpy_backed_empty(frames.shape, torch.uint8).copy_(frames)
+        return frames.movedim(-1, -3).reshape(video.shape)
     windows = _segment_windows(clips.shape[1], segment_starts, segment_frames)
     window_frames = windows[0].stop - windows[0].start
-    out = torch.empty(len(clips), len(windows), window_frames, *clips.shape[-3:])
+    out_shape = (len(clips), len(windows), window_frames)
+    if normalize:
+        out = torch.empty(*out_shape, *clips.shape[-3:])
+    else:
+        out = torch.empty(*out_shape, *clips.shape[-2:], 3, dtype=torch.uint8).movedim(-1, -3)
     for clip, clip_out in zip(clips, out):
         distortion = draw_color_distortion(rng) if train and color_augment else None
         flip = train and rng.random() < FLIP_P
-        _write_normalized_clip(clip, distortion, flip, windows, clip_out)
+        _write_clip(clip, distortion, flip, windows, clip_out)
     segments_shape = (len(windows),) if segment_starts is not None else ()
     return out.reshape(*video.shape[:-4], *segments_shape, window_frames, *out.shape[-3:])

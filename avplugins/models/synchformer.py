@@ -2,7 +2,9 @@
 
 ``model(video=v, audio=a)`` with ``v (B, S, T, 3, H, W)`` normalised frames and
 ``a (B, S, 1, 128, 66)`` normalised log-mels returns ``offset_logits (B, n_offsets)`` and, with
-the synchronizability head, ``sync_logits (B, 2)``. ``model(vfeats=..., afeats=...)`` takes
+the synchronizability head, ``sync_logits (B, 2)``. ``v`` may also be the datasets' uint8 frames,
+(B, S, T, 3, H, W) or (B, F, 3, H, W) with ``video_frame_index`` (S, T), normalised here on the
+model's device (``transforms.normalized_segments``). ``model(vfeats=..., afeats=...)`` takes
 tower features instead (e.g. from a feature cache, ``avplugins.data.sync_feature_cache``).
 ``forward_features`` (the towers) and ``forward_head`` (projections + sync module) are
 separate so that tower features can be cached or shared between overlapping windows.
@@ -22,6 +24,7 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import II, OmegaConf
 
 from avplugins.checkpoint import load_checkpoint_state
+from avplugins.data.transforms import normalized_segments
 from avplugins.models._synchformer_towers import (
     TINY_TOWERS,
     SynchformerTowersConfig,
@@ -184,8 +187,17 @@ class SynchformerModel(BaseFairseqModel):
             self.net.audio.eval()
         return self
 
-    def forward_features(self, video: torch.Tensor, audio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Tower features: ``vfeats (B, S, tv, Dv)``, ``afeats (B, S, ta, Da)``."""
+    def video_input(self, video: torch.Tensor, video_frame_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``video`` as :func:`normalized_segments` takes it -> normalised (B, S, T, 3, H, W) in the
+        towers' dtype (already normalised floats as given)."""
+        return normalized_segments(video, video_frame_index, dtype=next(self.net.visual.parameters()).dtype)
+
+    def forward_features(
+        self, video: torch.Tensor, audio: torch.Tensor, video_frame_index: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tower features: ``vfeats (B, S, tv, Dv)``, ``afeats (B, S, ta, Da)``; ``video`` as
+        :meth:`video_input` takes it."""
+        video = self.video_input(video, video_frame_index)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_towers):
             return self.net.forward_features(video, audio)
 
@@ -199,14 +211,17 @@ class SynchformerModel(BaseFairseqModel):
         audio: Optional[torch.Tensor] = None,
         vfeats: Optional[torch.Tensor] = None,
         afeats: Optional[torch.Tensor] = None,
+        video_frame_index: Optional[torch.Tensor] = None,
         **unused,
     ) -> Dict[str, torch.Tensor]:
-        """Either ``video`` and ``audio`` (model inputs) or ``vfeats`` and ``afeats`` (tower
-        features, see :meth:`forward_features`)."""
+        """Either ``video`` and ``audio`` (model inputs; uint8 ``video`` with an optional
+        ``video_frame_index`` is normalised here) or ``vfeats`` and ``afeats`` (tower features,
+        see :meth:`forward_features`)."""
         if vfeats is None or afeats is None:
             if video is None or audio is None:
                 raise ValueError("SynchformerModel needs video= and audio=, or vfeats= and afeats=")
-            vfeats, afeats = self.forward_features(video, audio)
+            # normalised here so that forward_features is called as (video, audio), as wrappers of it expect
+            vfeats, afeats = self.forward_features(self.video_input(video, video_frame_index), audio)
         return self.forward_head(vfeats, afeats)
 
 

@@ -6,11 +6,13 @@ the (B*S) x (B*S) similarities. The temperature is learnable, initialised at 0.0
 to [0.001, 0.5] before every forward (as the official ``AVCLIP``).
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq.models import BaseFairseqModel, register_model
 from torch import nn
 
+from avplugins.data.transforms import normalized_segments
 from avplugins.models._synchformer_towers import TINY_TOWERS, SynchformerTowersConfig, audio_args, visual_args
 from avplugins.models._variants import register_variant
 from avplugins.modules.synchformer_net import SynchformerNet, pooled_segment_embeddings
@@ -44,15 +46,20 @@ class SynchformerSegmentClipModel(BaseFairseqModel):
         )
         return cls(cfg, net)
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, **unused) -> dict:
+    def forward(
+        self, video: torch.Tensor, audio: torch.Tensor, video_frame_index: Optional[torch.Tensor] = None, **unused
+    ) -> dict:
         """
         Args:
-            video: (B, S, T, 3, H, W) normalised frames; audio: (B, S, 1, F, Ta) log-mels.
+            video: (B, S, T, 3, H, W) normalised frames, or the datasets' uint8 frames (normalised
+                here, see :func:`normalized_segments`); audio: (B, S, 1, F, Ta) log-mels.
+            video_frame_index: (S, T) frames of each segment when ``video`` is (B, F, 3, H, W).
         Returns:
             ``video_embeddings``, ``audio_embeddings`` (B, S, D) unit-norm; ``temperature`` ().
         """
         with torch.no_grad():
             self.temperature.clamp_(self.cfg.min_temperature, self.cfg.max_temperature)
+        video = normalized_segments(video, video_frame_index, dtype=next(self.net.visual.parameters()).dtype)
         vfeats, afeats = self.net.forward_features(video, audio)
         return {
             "video_embeddings": pooled_segment_embeddings(vfeats),

@@ -73,6 +73,7 @@ class AVSyncTaskBase(MediaTaskBase):
             color_augment=cfg.color_augment,
             skip_invalid=cfg.skip_invalid,
             seed=cfg.seed,
+            uint8_video=True,  # the Synchformer models normalise frames on their device
         )
 
     def manifest_path(self, split: str) -> str:
