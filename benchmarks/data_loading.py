@@ -177,7 +177,7 @@ def sync_stages() -> Dict[str, Tuple[object, str]]:
     from avplugins.data import sync_dataset as module
     return {"decode video": (module, "read_video"), "decode audio": (module, "read_audio"),
             "video transform": (module, "synchformer_video_transform"),
-            "audio features": (module, "synchformer_audio_features"),
+            "audio features": (module, "synchformer_audio_features_at"),
             "collate": (module.AVClipDataset, "collater")}
 
 

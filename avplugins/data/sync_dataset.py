@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from avplugins.data import sync_sampling
-from avplugins.data.features import synchformer_audio_features
+from avplugins.data.features import synchformer_audio_features_at
 from avplugins.data.invalid_items import SKIP_HINT
 from avplugins.data.manifest import ManifestEntry, validate_manifest
 from avplugins.data.media import MediaError, probe, read_audio, read_video
@@ -258,8 +258,11 @@ class AVClipDataset(ManifestRowDataset):
         frame_index = segment_starts[:, None] + np.arange(layout.segment_frames)
         normalize = not self.uint8_video
         sample_starts = sync_sampling.segment_start_samples(layout, 0)
-        sample_index = torch.as_tensor(sample_starts[:, None] + np.arange(layout.segment_samples))
-        inputs = {"audio": synchformer_audio_features(torch.from_numpy(samples)[sample_index])}
+        inputs = {
+            "audio": synchformer_audio_features_at(
+                torch.from_numpy(samples), torch.as_tensor(sample_starts), layout.segment_samples
+            )
+        }
         if self.augment_per_segment:
             inputs["video"] = self.video_transform(frames[frame_index], rng, normalize=normalize)
         elif normalize:
