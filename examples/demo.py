@@ -592,8 +592,10 @@ def step_seconds(log_dir: str) -> Dict[str, float]:
 
 
 def example_prediction(rows: List[dict]) -> dict:
-    """The shifted clip shown as the example: the first one with a non-zero true offset."""
-    return next((row for row in rows if row["truth_s"] != 0), rows[0])
+    """The shifted clip shown as the example: the first one whose true offset is non-zero and
+    strictly inside the grid's range, chosen by the truth only, never by how well it was predicted."""
+    largest = max(abs(row["truth_s"]) for row in rows)
+    return next((row for row in rows if 0 < abs(row["truth_s"]) < largest), rows[0])
 
 
 def new_figure(width: float, height: float):

@@ -166,3 +166,9 @@ def test_quick_demo_end_to_end_then_reused(tmp_path):
     reused = re.findall(r"^\[demo\] (\S+): reusing", second.stdout, flags=re.MULTILINE)
     assert sorted(reused) == sorted(ran) and "done in" not in second.stdout
     assert (results / "results.md").read_text() == table
+
+
+def test_example_prediction_is_chosen_by_truth_inside_the_grid():
+    rows = [{"truth_s": t, "estimate_s": e} for t, e in ((-2.0, 2.0), (0.0, 0.0), (-1.6, 0.4), (0.8, 0.8))]
+    assert demo.example_prediction(rows)["truth_s"] == -1.6  # not the best-predicted one (0.8)
+    assert demo.example_prediction(rows[:2])["truth_s"] == -2.0  # nothing inside: the first row
