@@ -14,7 +14,6 @@ process, with the largest difference of the outputs:
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List
 
@@ -29,19 +28,14 @@ from avplugins.data.features import (  # noqa: E402
     synchformer_audio_features_at,
 )
 from avplugins.modules.patch_embed import embed_patches  # noqa: E402
+from _bench_utils_d2v import best_seconds  # noqa: E402
 
 SAMPLES_PER_FRAME = 640  # 16 kHz audio per 25 fps frame
 
 
 def best_ms(function: Callable[[], torch.Tensor], repeats: int) -> float:
     """Best wall time of ``function()`` over ``repeats`` runs after one warm-up, in ms."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * best_seconds(function, repeats)
 
 
 def patch_rows(repeats: int) -> List[tuple]:
