@@ -12,12 +12,13 @@ Variants (same weights, same inputs):
   ours bf16 compiled   ``--compile``: the same under ``torch.autocast(dtype=bfloat16)``
   ours bf16 weights compiled  ``--compile``: the bfloat16 copy, compiled the same way
 
-Prints a table (seconds and clips per second, speedup over the eager baseline and over the
-official code, max |logit difference| from ours fp32, whether the argmax agrees), the FLOPs of
-one clip (``torch.utils.flop_counter`` on the meta device) and the floor they give at the
-measured matmul peak. Rounds are interleaved (every variant once per round, best round kept)
-so that load from other processes hits every variant alike. Compilation happens in one untimed call
-before the rounds; its time is printed separately.
+Prints a table (seconds and clips per second, speed-up over the eager baseline and over the
+official code from the best rounds and within each round (median and range), max |logit
+difference| from ours fp32, whether the argmax agrees), the FLOPs of one clip
+(``torch.utils.flop_counter`` on the meta device) and the floor they give at the measured
+matmul peak. Rounds are interleaved (every variant once per round, the order reversed every
+other round) so that load from other processes hits every variant alike. Compilation happens
+in one untimed call before the rounds; its time is printed separately.
 
 A clip is S segments of 16 frames x 224 px plus their log-mels (paper: S = 14). The towers
 run per segment, so the time of a paper clip is ``14 / S`` times that of S segments;
@@ -34,6 +35,7 @@ import argparse
 import copy
 import importlib.abc
 import importlib.machinery
+import statistics
 import sys
 import time
 import types
@@ -174,19 +176,32 @@ def compiled_variant(net: torch.nn.Module, video, audio, autocast: bool):
 
 
 def time_rounds(variants: Dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int):
-    """Run every variant once per round; returns ({name: best seconds}, {name: logits})."""
+    """Run every variant once per round, in reverse order every other round so that a slow
+    stretch of a loaded machine does not always hit the same variant.
+
+    Returns ({name: [seconds per round]}, {name: logits})."""
     logits = {}
     for name, run in variants.items():
         for _ in range(warmup):
             logits[name] = run()
-    best = {name: float("inf") for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    seconds = {name: [] for name in variants}
+    names = list(variants)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
             start = time.perf_counter()
-            logits[name] = run()
-            best[name] = min(best[name], time.perf_counter() - start)
-            print(f"  {name}: {time.perf_counter() - start:.2f} s", flush=True)
-    return best, logits
+            logits[name] = variants[name]()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"  {name}: {seconds[name][-1]:.2f} s", flush=True)
+    return seconds, logits
+
+
+def round_ratios(baseline: List[float], variant: List[float]) -> str:
+    """Speed-up of ``variant`` over ``baseline`` within each round (seconds of the same rounds):
+    'median (min-max)', or '-' without a baseline."""
+    if not baseline:
+        return "-"
+    ratios = sorted(base / own for base, own in zip(baseline, variant))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def main(argv: List[str] = None) -> None:
@@ -256,7 +271,8 @@ def main(argv: List[str] = None) -> None:
 
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} clip(s) of "
           f"{args.segments} segments x 16 frames x 224 px", flush=True)
-    best, logits = time_rounds(variants, args.repeats, args.warmup)
+    rounds, logits = time_rounds(variants, args.repeats, args.warmup)
+    best = {name: min(seconds) for name, seconds in rounds.items()}
 
     reference = logits["ours fp32"]
     base = best.get("eager fp32")
@@ -264,16 +280,19 @@ def main(argv: List[str] = None) -> None:
     scale = PAPER_SEGMENTS / args.segments
     print()
     print(f"| variant | s / {args.segments}-segment clip | s / paper clip (x{scale:g}) | paper clips/s "
-          "| vs eager | vs official | max abs diff logits | argmax equal |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| vs eager | vs eager per round | vs official | vs official per round "
+          "| max abs diff logits | argmax equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, seconds in best.items():
         per_clip = seconds / args.batch
         diff = (logits[name] - reference).abs().max().item()
         same = bool((logits[name].argmax(-1) == reference.argmax(-1)).all())
         vs_eager = f"{base / seconds:.2f}x" if base else "-"
         vs_official = f"{base_official / seconds:.2f}x" if base_official else "-"
+        per_round_eager = round_ratios(rounds.get("eager fp32", []), rounds[name])
+        per_round_official = round_ratios(rounds.get("official fp32", []), rounds[name])
         print(f"| {name} | {per_clip:.2f} | {per_clip * scale:.1f} | {1 / (per_clip * scale):.4f} | "
-              f"{vs_eager} | {vs_official} | {diff:.2e} | {same} |")
+              f"{vs_eager} | {per_round_eager} | {vs_official} | {per_round_official} | {diff:.2e} | {same} |")
     for name, seconds in compile_seconds.items():
         print(f"compile time (first call, not in the table) {name}: {seconds:.1f} s")
 

@@ -18,7 +18,8 @@ from avplugins.convert.synchformer import (
     load_official_checkpoint,
 )
 from avplugins.modules.ast import AudioSpectrogramTransformer
-from avplugins.modules.motionformer import DividedSpaceTimeAttention, Motionformer
+from avplugins.modules.attention import TransformerBlock
+from avplugins.modules.motionformer import ClsAggregator, DividedSpaceTimeAttention, Motionformer
 from avplugins.modules.sync_transformer import SyncTransformer
 from avplugins.modules.synchformer_net import SynchformerNet, pooled_segment_embeddings
 
@@ -127,6 +128,60 @@ def test_divided_attention_matches_float64_masked_oracle(axis):
     other = "time" if axis == "space" else "space"
     with torch.no_grad():
         assert (attention(x, num_slots=3, axis=other) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("axis", ["space", "time"])
+def test_divided_attention_bias_folded_at_inference_matches_oracle_and_autograd_path(axis):
+    """Without autograd the qkv bias is added while regrouping (and to the CLS query / output
+    only); with non-zero biases both paths equal the float64 oracle."""
+    torch.manual_seed(0)
+    attention = DividedSpaceTimeAttention(dim=16, num_heads=2).double().eval()
+    with torch.no_grad():
+        attention.qkv.bias.normal_()
+        attention.proj.bias.normal_()
+    x = torch.randn(3, 1 + 3 * 5, 16, dtype=torch.float64)
+    expected = reference_divided_attention(attention, x, num_slots=3, axis=axis).detach()
+    with torch.inference_mode():
+        folded = attention(x, num_slots=3, axis=axis)
+    with_autograd = attention(x, num_slots=3, axis=axis)
+    assert with_autograd.requires_grad
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(with_autograd.detach(), expected, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        attention.qkv.bias[32:].zero_()  # the value bias does reach the output
+        assert (attention(x, num_slots=3, axis=axis) - expected).abs().max() > 1e-3
+
+
+def test_block_first_queries_equal_the_full_block_in_float64():
+    """``num_queries=Q`` computes the full block's first Q outputs (and MLP branch), padding
+    included, with the same gradients; the queries still attend to every token."""
+    torch.manual_seed(0)
+    block = TransformerBlock(dim=16, num_heads=2, mlp_ratio=2.0).double().eval()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    full, full_ffn = block(x, key_padding_mask=padding, return_ffn_output=True)
+    first, first_ffn = block(x, key_padding_mask=padding, return_ffn_output=True, num_queries=2)
+    assert first.shape == (3, 2, 16)
+    torch.testing.assert_close(first, full[:, :2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(first_ffn, full_ffn[:, :2], rtol=0, atol=1e-12)
+    (grad_full,) = torch.autograd.grad(full[:, :2].square().sum(), x)
+    (grad_first,) = torch.autograd.grad(first.square().sum(), x)
+    torch.testing.assert_close(grad_first, grad_full, rtol=0, atol=1e-12)
+    assert grad_first[:, 2:].abs().max() > 1e-3  # the other tokens feed the queries as keys
+    with torch.no_grad():
+        assert (block(x[:, :2]) - first).abs().max() > 1e-3
+
+
+def test_cls_aggregator_equals_the_full_block_cls_output_in_float64():
+    torch.manual_seed(0)
+    aggregator = ClsAggregator(dim=16, num_heads=2).double().eval()
+    torch.nn.init.normal_(aggregator.cls_token)
+    tokens = torch.randn(4, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        cls = aggregator.cls_token.expand(4, -1, -1)
+        expected = aggregator.block(torch.cat((cls, tokens), dim=1))[:, 0]
+        torch.testing.assert_close(aggregator(tokens), expected, rtol=0, atol=1e-12)
 
 
 def test_tiny_net_float32_agrees_with_float64_recomputation():

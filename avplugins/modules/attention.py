@@ -91,28 +91,47 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.proj_dropout = nn.Dropout(proj_dropout)
 
-    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, 3D) output of ``qkv`` -> query, key, value, each a (B, H, N, Dh) view (no copy)."""
-        heads = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, N, 3, H, Dh)
+    def split_heads(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(B, N, k * D) output of ``qkv`` (or of a part of it holding k of query / key / value)
+        -> k tensors, each a (B, H, N, Dh) view (no copy)."""
+        heads = qkv.unflatten(-1, (-1, self.num_heads, self.head_dim))  # (B, N, k, H, Dh)
         return heads.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def project_first_queries(
+        self, x: torch.Tensor, num_queries: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``split_heads(qkv(x))`` with the query projected for the first ``num_queries`` tokens
+        only: query (B, H, num_queries, Dh), key and value (B, H, N, Dh)."""
+        dim = self.num_heads * self.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+        query_bias, key_value_bias = (None, None) if bias is None else (bias[:dim], bias[dim:])
+        (query,) = self.split_heads(F.linear(x[:, :num_queries], weight[:dim], query_bias))
+        key, value = self.split_heads(F.linear(x, weight[dim:], key_value_bias))
+        return query, key, value
 
     def forward(
         self,
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
+        num_queries: Optional[int] = None,
     ) -> torch.Tensor:
         """
         Args:
             x: (B, N, D) tokens.
             key_padding_mask: optional (B, N) bool, True where a key is padding (ignored).
-            attn_mask: optional bool (N, N) / (B, H, N, N), True where attention is allowed,
-                or a float mask added to the scores.
+            attn_mask: optional bool (Q, N) / (B, H, Q, N), True where attention is allowed,
+                or a float mask added to the scores (Q = N, or ``num_queries``).
+            num_queries: only the first Q tokens query (all N are keys and values), so a
+                caller that reads only them (a CLS readout) skips the other queries' work.
         Returns:
-            (B, N, D)
+            (B, Q, D), Q = N unless ``num_queries`` is given.
         """
-        batch, num_tokens, dim = x.shape
-        query, key, value = self.split_heads(self.qkv(x))
+        batch, _, dim = x.shape
+        if num_queries is None:
+            query, key, value = self.split_heads(self.qkv(x))
+        else:
+            query, key, value = self.project_first_queries(x, num_queries)
         mask = attn_mask
         if key_padding_mask is not None:
             keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
@@ -125,7 +144,7 @@ class MultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
+        out = out.transpose(1, 2).reshape(batch, query.shape[2], dim)
         return self.proj_dropout(self.proj(out))
 
 
@@ -169,17 +188,22 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         return_ffn_output: bool = False,
+        num_queries: Optional[int] = None,
     ):
         """
         Args:
             x: (B, N, D).
             key_padding_mask: optional (B, N) bool, True at padding.
             return_ffn_output: also return the MLP branch output before the residual add
-                (B, N, D): data2vec builds its targets from it.
+                (B, Q, D): data2vec builds its targets from it.
+            num_queries: compute the outputs of the first Q tokens only (they still attend
+                to all N); equal to ``block(x)[:, :Q]`` at a fraction of the cost.
         Returns:
-            (B, N, D), or ``(x, ffn_output)`` when ``return_ffn_output``.
+            (B, Q, D) with Q = N unless ``num_queries`` is given, or ``(x, ffn_output)``
+            when ``return_ffn_output``.
         """
-        x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
+        attended = self.attn(self.norm1(x), key_padding_mask=key_padding_mask, num_queries=num_queries)
+        x = x[:, : attended.shape[1]] + self.drop_path(attended)
         ffn_output = self.mlp(self.norm2(x))
         x = x + self.drop_path(ffn_output)
         if return_ffn_output:

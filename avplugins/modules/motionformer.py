@@ -89,18 +89,9 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
         if num_slots * num_patches != num_tokens - 1:
             raise ValueError(f"{num_tokens - 1} patch tokens do not split into {num_slots} slots")
         dropout_p = self.attn_dropout if self.training else 0.0
-        qkv = self.qkv(x)  # (B, N, 3D)
-        query, key, value = self.split_heads(qkv)
-        cls_out = F.scaled_dot_product_attention(query[:, :, :1], key, value, dropout_p=dropout_p)
-
-        grid = qkv[:, 1:].unflatten(1, (num_slots, num_patches))  # (B, t, p, 3D)
-        if axis == TIME:
-            grid = grid.transpose(1, 2)
-        num_groups, group_size = grid.shape[1:3]
-        # (B * G, 1 + L, 3D): every group also sees the CLS key/value (its CLS query is unused)
-        cls_rows = qkv[:, None, :1].expand(-1, num_groups, -1, -1)
-        grouped = torch.cat((cls_rows, grid), dim=2).flatten(0, 1)
-        query, key, value = self.split_heads(grouped)
+        cls_out, grouped = self.project_and_regroup(x, num_slots, axis, dropout_p)
+        num_groups, group_size = grouped.shape[1], grouped.shape[2] - 1
+        query, key, value = self.split_heads(grouped.flatten(0, 1))
         patch_out = F.scaled_dot_product_attention(
             query[:, :, 1:], key, value, dropout_p=dropout_p
         )  # (B * G, H, L, Dh)
@@ -108,9 +99,49 @@ class DividedSpaceTimeAttention(MultiHeadAttention):
         if axis == TIME:
             patch_out = patch_out.transpose(1, 2)
         out = x.new_empty(batch, num_tokens, dim)
-        out[:, :1] = cls_out.transpose(1, 2).reshape(batch, 1, dim)
+        out[:, :1] = cls_out
         out[:, 1:].unflatten(1, (num_slots, num_patches)).copy_(patch_out)
         return self.proj_dropout(self.proj(out))
+
+    def project_and_regroup(
+        self, x: torch.Tensor, num_slots: int, axis: str, dropout_p: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Project ``x`` (B, 1 + t * p, D), attend with the CLS query over all tokens, and
+        regroup the projections along ``axis``.
+
+        Returns:
+            ``(cls_out, grouped)``: the CLS attention output before ``proj`` (B, 1, D), and
+            the projections (B, G, 1 + L, 3D) of the G groups of L patches, each led by the
+            CLS row (every group also sees the CLS key/value; its CLS query is unused).
+
+        Without autograd and attention dropout (inference), the projection skips its bias
+        and the regrouping copy adds it, which saves a pass over the (B, N, 3D) projections;
+        the CLS query then needs no key bias (it adds the same score to every key) and gets
+        the value bias after attending (the weights sum to 1).
+        """
+        batch, num_tokens, dim = x.shape
+        bias = self.qkv.bias
+        fold_bias = bias is not None and dropout_p == 0.0 and not torch.is_grad_enabled()
+        qkv = F.linear(x, self.qkv.weight, None if fold_bias else bias)  # (B, N, 3D)
+        if fold_bias:
+            bias = bias.to(qkv.dtype)  # under autocast: add in the projection's dtype
+        _, key, value = self.split_heads(qkv)
+        cls_query = qkv[:, :1, :dim] + bias[:dim] if fold_bias else qkv[:, :1, :dim]
+        (cls_query,) = self.split_heads(cls_query)
+        cls_out = F.scaled_dot_product_attention(cls_query, key, value, dropout_p=dropout_p)
+        cls_out = cls_out.transpose(1, 2).reshape(batch, 1, dim)
+
+        grid = qkv[:, 1:].unflatten(1, (num_slots, (num_tokens - 1) // num_slots))  # (B, t, p, 3D)
+        if axis == TIME:
+            grid = grid.transpose(1, 2)
+        num_groups, group_size = grid.shape[1:3]
+        cls_rows = qkv[:, None, :1].expand(-1, num_groups, -1, -1)
+        if not fold_bias:
+            return cls_out, torch.cat((cls_rows, grid), dim=2)
+        grouped = qkv.new_empty(batch, num_groups, 1 + group_size, 3 * dim)
+        torch.add(cls_rows, bias, out=grouped[:, :, :1])
+        torch.add(grid, bias, out=grouped[:, :, 1:])
+        return cls_out + bias[2 * dim:], grouped
 
 
 class DividedSpaceTimeBlock(nn.Module):
@@ -185,9 +216,9 @@ class ClsAggregator(nn.Module):
         return cls(settings.dim, settings.num_heads, settings.mlp_ratio, dropout, norm_eps)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (N, L, D) -> (N, D), the CLS output."""
+        """tokens: (N, L, D) -> (N, D), the CLS output (only the CLS query is computed)."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        return self.block(torch.cat((cls, tokens), dim=1))[:, 0]
+        return self.block(torch.cat((cls, tokens), dim=1), num_queries=1)[:, 0]
 
 
 class Motionformer(nn.Module):
