@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fairseq import models, tasks
+from fairseq import criterions, models, tasks
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
 from fairseq.data import Dictionary
 from fairseq.dataclass.configs import GenerationConfig
@@ -389,6 +389,54 @@ def test_seq2seq_forward_and_frozen_encoder():
     model.set_num_updates(2)
     model(prev_output_tokens=tokens, **batch)[0].sum().backward()
     assert model.encoder.backbone.audio_frontend.proj.weight.grad is not None
+
+
+def hybrid_ctc_criterion(model, ctc_weight):
+    """fairseq's own label_smoothed_cross_entropy_with_ctc, built through its registry."""
+    cfg = OmegaConf.create({"_name": "label_smoothed_cross_entropy_with_ctc", "label_smoothing": 0.1,
+                            "sentence_avg": True, "report_accuracy": True, "ctc_weight": ctc_weight})
+    task = SimpleNamespace(target_dictionary=model.decoder.dictionary)
+    return criterions.build_criterion(cfg, task)
+
+
+def test_ctc_head_loss_equals_the_sum_over_utterances_run_alone():
+    """The hybrid loss is the label-smoothed CE plus ctc_weight times the CTC loss of every
+    utterance, each computed on its own unpadded encoder output against its tokens without
+    eos: padding, lengths and the eos are handled."""
+    model = tiny_seq2seq(ctc_head=True, activation_dropout=0.0).eval()
+    lengths = (24, 20, 16)
+    batch = {**av_batch(lengths=lengths), "video": None}
+    tokens = [[4, 5, 6, 2], [7, 8, 2], [4, 2]]  # eos-terminated, as the task writes them
+    target = torch.tensor([row + [1] * (4 - len(row)) for row in tokens])
+    prev_output_tokens = torch.tensor([[2] + row[:-1] + [1] * (4 - len(row)) for row in tokens])
+    sample = {"net_input": {**batch, "prev_output_tokens": prev_output_tokens}, "target": target,
+              "target_lengths": torch.tensor([len(row) for row in tokens]), "ntokens": 9}
+    with torch.no_grad():
+        hybrid, _, log = hybrid_ctc_criterion(model, 0.3)(model, sample)
+        attention_only, _, _ = hybrid_ctc_criterion(model, 0.0)(model, sample)
+        expected_ctc = 0.0
+        for index, (length, row) in enumerate(zip(lengths, tokens)):
+            encoder_out = model.encoder(audio=batch["audio"][index : index + 1, :length])
+            log_probs = model.ctc_projection(encoder_out["encoder_out"][0]).log_softmax(-1)
+            expected_ctc += nn.functional.ctc_loss(
+                log_probs, torch.tensor([row[:-1]]), [length], [len(row) - 1], blank=0, reduction="sum"
+            )
+    assert model.decoder.dictionary.bos() == 0  # the CTC blank, never a target
+    torch.testing.assert_close(hybrid - attention_only, 0.3 * expected_ctc, atol=1e-4, rtol=1e-5)
+    assert log["ctc_loss"] == pytest.approx(0.3 * expected_ctc.item(), rel=1e-5)
+    hybrid_ctc_criterion(model, 0.3)(model.train(), sample)[0].backward()
+    assert model.ctc_projection.weight.grad.abs().sum() > 0
+    assert model.encoder.backbone.audio_frontend.proj.weight.grad.abs().sum() > 0
+
+
+def test_ctc_criterion_without_a_ctc_head_says_what_to_set():
+    model = tiny_seq2seq().eval()
+    assert model.ctc_projection is None and "ctc_projection.weight" not in model.state_dict()
+    tokens = torch.tensor([[4, 2]])
+    sample = {"net_input": {**av_batch(batch_size=1, lengths=(24,)), "prev_output_tokens": tokens},
+              "target": tokens, "target_lengths": torch.tensor([2]), "ntokens": 2}
+    with pytest.raises(ValueError, match="model.ctc_head=true"):
+        hybrid_ctc_criterion(model, 0.3)(model, sample)
 
 
 def test_fine_tuning_span_masks_only_in_training():

@@ -88,6 +88,13 @@ class AVData2VecSeq2SeqConfig(AVBackboneConfig):
     share_decoder_input_output_embed: bool = field(
         default=True, metadata={"help": "tie the decoder's input embedding and output projection"}
     )
+    # hybrid CTC/attention training (ESPnet-style): a linear CTC head on the encoder output,
+    # trained by fairseq's label_smoothed_cross_entropy_with_ctc; decoding stays attention-only
+    ctc_head: bool = field(
+        default=False,
+        metadata={"help": "add a CTC projection on the encoder output (criterion "
+                  "label_smoothed_cross_entropy_with_ctc); its blank is the dictionary's <s>"},
+    )
 
 
 def load_pretrained_backbone(path: str) -> Tuple[Any, Dict[str, torch.Tensor]]:
@@ -253,8 +260,18 @@ class AVData2VecEncoder(FairseqEncoder):
         return None
 
 
+CTC_BLANK_INDEX = 0  # F.ctc_loss's default blank; fairseq dictionaries put <s> (never a target) there
+
+
 @register_model("av_data2vec_seq2seq", dataclass=AVData2VecSeq2SeqConfig)
 class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
+    """Encoder + ``TransformerDecoder``; with ``ctc_projection`` (``model.ctc_head``) also the
+    CTC output that ``label_smoothed_cross_entropy_with_ctc`` trains."""
+
+    def __init__(self, encoder, decoder, ctc_projection: Optional[nn.Linear] = None):
+        super().__init__(encoder, decoder)
+        self.ctc_projection = ctc_projection
+
     @classmethod
     def build_model(cls, cfg: AVData2VecSeq2SeqConfig, task):
         backbone_state, config_updates = None, {}
@@ -280,7 +297,16 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
             raise ValueError("av_data2vec_seq2seq needs a task with a target dictionary (av_speech_recognition)")
         embed_tokens = Embedding(len(dictionary), cfg.decoder_embed_dim, dictionary.pad())
         decoder = TransformerDecoderBase(build_decoder_config(cfg), dictionary, embed_tokens)
-        model = cls(encoder, decoder)
+        ctc_projection = None
+        if cfg.ctc_head:
+            if dictionary.bos() != CTC_BLANK_INDEX:
+                raise ValueError(
+                    f"model.ctc_head=true uses index {CTC_BLANK_INDEX} as the CTC blank, but this "
+                    f"dictionary has <s> at {dictionary.bos()}; build the dictionary with fairseq's "
+                    "Dictionary (the task does) or set model.ctc_head=false"
+                )
+            ctc_projection = nn.Linear(cfg.encoder_embed_dim, len(dictionary))
+        model = cls(encoder, decoder, ctc_projection)
         # what the task writes back into the saved config (see AVSpeechRecognitionTask.build_model)
         model.config_updates = config_updates
         return model
@@ -293,9 +319,36 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
         padding_mask: Optional[torch.Tensor] = None,
         **unused,
     ):
-        """Teacher-forced decoder output (logits (B, L, V), extra) for the task's net_input."""
+        """Teacher-forced decoder output (logits (B, L, V), extra) for the task's net_input;
+        ``extra["encoder_out"]`` keeps the encoder output for the CTC head."""
         encoder_out = self.encoder(audio=audio, video=video, padding_mask=padding_mask)
-        return self.decoder(prev_output_tokens, encoder_out=encoder_out)
+        logits, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out)
+        extra["encoder_out"] = encoder_out
+        return logits, extra
+
+    def get_ctc_output(self, net_output, sample=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CTC log-probabilities (T, B, V) in float32 and the unpadded lengths (B,) in encoder
+        steps (25 Hz), from the encoder output that ``forward`` kept."""
+        if self.ctc_projection is None:
+            raise ValueError(
+                "this model has no CTC head: train with model.ctc_head=true to use the "
+                "label_smoothed_cross_entropy_with_ctc criterion"
+            )
+        encoder_out = net_output[1]["encoder_out"]
+        features = encoder_out["encoder_out"][0]  # (T, B, D)
+        log_probs = torch.log_softmax(self.ctc_projection(features).float(), dim=-1)
+        steps, batch = features.shape[:2]
+        if encoder_out["encoder_padding_mask"]:
+            lengths = (~encoder_out["encoder_padding_mask"][0]).long().sum(dim=1)
+        else:
+            lengths = torch.full((batch,), steps, dtype=torch.long, device=features.device)
+        return log_probs, lengths
+
+    @staticmethod
+    def get_ctc_target(sample) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The CTC targets: (B, L) padded tokens without the final eos, and their lengths (B,)."""
+        lengths = sample["target_lengths"] - 1
+        return sample["target"][:, : int(lengths.max())], lengths
 
     def max_positions(self):
         """No length limit: long clips are never dropped (the decoder's sinusoidal positions
