@@ -591,7 +591,7 @@ def missing_keys(cfg: DictConfig, prefix: str = ""):
     for key in cfg:
         if OmegaConf.is_missing(cfg, key):
             yield prefix + key
-        elif isinstance(cfg[key], DictConfig):
+        elif not OmegaConf.is_interpolation(cfg, key) and isinstance(cfg[key], DictConfig):
             yield from missing_keys(cfg[key], f"{prefix}{key}.")
 
 
@@ -612,3 +612,6 @@ def test_recipes_compose_and_require_their_paths(group, name):
         assert resolved.model.decoder_layers == {"tiny": 2, "base": 6, "large": 9}[size]
     if size == "tiny":
         assert resolved.common.cpu and resolved.distributed_training.distributed_world_size == 1
+    if (group, size) == ("finetune", "tiny"):  # babble from the corpus' own training utterances
+        assert resolved.task.noise_manifest == "/some/path/train.tsv" and resolved.task.noise_splits == "train"
+        assert resolved.model.ctc_head and resolved.criterion.ctc_weight > 0
