@@ -320,10 +320,14 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
         **unused,
     ):
         """Teacher-forced decoder output (logits (B, L, V), extra) for the task's net_input;
-        ``extra["encoder_out"]`` keeps the encoder output for the CTC head."""
+        ``extra["encoder_out"]`` keeps the encoder output and, with a CTC head,
+        ``extra["ctc_logits"]`` (T, B, V) its projection. The projection runs here, not in
+        ``get_ctc_output``: DDP only accounts for parameters used inside ``forward``."""
         encoder_out = self.encoder(audio=audio, video=video, padding_mask=padding_mask)
         logits, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out)
         extra["encoder_out"] = encoder_out
+        if self.ctc_projection is not None:
+            extra["ctc_logits"] = self.ctc_projection(encoder_out["encoder_out"][0])
         return logits, extra
 
     def get_ctc_output(self, net_output, sample=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -335,13 +339,13 @@ class AVData2VecSeq2SeqModel(FairseqEncoderDecoderModel):
                 "label_smoothed_cross_entropy_with_ctc criterion"
             )
         encoder_out = net_output[1]["encoder_out"]
-        features = encoder_out["encoder_out"][0]  # (T, B, D)
-        log_probs = torch.log_softmax(self.ctc_projection(features).float(), dim=-1)
-        steps, batch = features.shape[:2]
+        ctc_logits = net_output[1]["ctc_logits"]  # (T, B, V)
+        log_probs = torch.log_softmax(ctc_logits.float(), dim=-1)
+        steps, batch = ctc_logits.shape[:2]
         if encoder_out["encoder_padding_mask"]:
             lengths = (~encoder_out["encoder_padding_mask"][0]).long().sum(dim=1)
         else:
-            lengths = torch.full((batch,), steps, dtype=torch.long, device=features.device)
+            lengths = torch.full((batch,), steps, dtype=torch.long, device=ctc_logits.device)
         return log_probs, lengths
 
     @staticmethod
