@@ -57,7 +57,7 @@ SCHEDULES: Dict[str, Dict[str, list]] = {
         "sync_stage1": ["common.log_interval=25"],
         "sync_stage2": ["optimization.max_update=2500", "dataset.validate_interval_updates=250",
                         "checkpoint.save_interval_updates=250", "common.log_interval=25"],
-        "d2v_pretrain": ["optimization.max_update=300", "model.ema_anneal_end_step=300", "common.log_interval=10"],
+        "d2v_pretrain": ["common.log_interval=10"],  # the recipe's 300 updates
         # the recipe's two fine-tunes, shorter: ASR on audio alone (cheap steps that align the
         # decoder), then from it one audio+video model with modality dropout and babble, which
         # also decodes from one stream

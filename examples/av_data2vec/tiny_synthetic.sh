@@ -51,13 +51,12 @@ train() {  # train GROUP SAVE_DIR OVERRIDES...
 }
 
 wer() {  # wer CHECKPOINT MODALITIES SNR(clean|dB): prints the WER of the test set
-    local noise=()
+    local noise=() log="$OUT/decode_$(basename "$(dirname "$1")")_${2/,/+}_$3.log"
     [[ $3 == clean ]] || noise=(--noise-manifest "$DATA/train.tsv" --noise-snr-db "$3" --noise-babble-voices 3)
     fairseq-generate "$DATA" --user-dir "$USER_DIR" $CPU --task av_speech_recognition --path "$1" \
         --gen-subset test --modalities "$2" --image-size 32 --crop-size 28 --beam 5 --batch-size 16 \
-        --max-len-a 0.2 --max-len-b 5 --scoring wer --post-process sentencepiece "${noise[@]}" \
-        > "$OUT/decode_$(basename "$(dirname "$1")")_${2/,/+}_$3.log" 2>&1
-    grep -o "WER: [0-9.]*" "$OUT/decode_$(basename "$(dirname "$1")")_${2/,/+}_$3.log" | tail -n 1 | cut -d" " -f2
+        --max-len-a 0.2 --max-len-b 5 --scoring wer --post-process sentencepiece "${noise[@]}" > "$log" 2>&1
+    grep -o "WER: [0-9.]*" "$log" | tail -n 1 | cut -d" " -f2
 }
 
 stage corpus "$DATA/corpus.json" avplugins-synth speech --out "$DATA" --num-clips 8000 --seed 0 \
