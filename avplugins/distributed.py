@@ -25,8 +25,10 @@ applies them again (a spawned interpreter re-imports fairseq unpatched):
   same allow-list as :func:`avplugins.checkpoint.load_checkpoint_state` and reports a refused
   file as :class:`avplugins.checkpoint.UnsafeCheckpointError`.
 
-:func:`wait_for_prefetch_threads`, called when training returns, avoids a crash at exit.
+:func:`wait_for_prefetch_threads` and :func:`release_process_groups`, called when training
+returns, avoid crashes at exit.
 """
+import gc
 import logging
 import os
 import pickle
@@ -151,6 +153,7 @@ def _spawned_cpu_worker(local_rank: int, cfg, main, kwargs) -> None:
     dt_cfg.distributed_no_spawn = True
     _FAIRSEQ["call_main"](cfg, main, **kwargs)
     wait_for_prefetch_threads()
+    release_process_groups()
 
 
 def wait_for_prefetch_threads(timeout_s: float = 60.0) -> None:
@@ -167,6 +170,19 @@ def wait_for_prefetch_threads(timeout_s: float = 60.0) -> None:
         if isinstance(thread, iterators.BackgroundConsumer):
             while thread.is_alive() and not thread._queue.full() and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+
+def release_process_groups() -> None:
+    """Destroy this worker's process groups while the interpreter is fully alive.
+
+    fairseq caches its global group on ``get_global_group`` and never destroys it, so the gloo
+    group's C++ threads otherwise end during interpreter finalization, which now and then
+    aborts a finished worker ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if hasattr(distributed_utils.get_global_group, "_global_group"):
+        del distributed_utils.get_global_group._global_group
+    gc.collect()
 
 
 class CPUCapableDistributedDataParallel(DistributedDataParallel):
