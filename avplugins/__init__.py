@@ -1,7 +1,8 @@
 """avplugins: a fairseq plugin for Synchformer and AV-data2vec.
 
 Importing this package registers every task, model and criterion with fairseq, so its
-directory works as ``--user-dir`` / ``common.user_dir``.
+directory works as ``--user-dir`` / ``common.user_dir``, and applies our fixes to fairseq
+(:mod:`avplugins.distributed`).
 """
 import logging
 
@@ -11,6 +12,9 @@ _root_level, _root_handlers = logging.root.level, list(logging.root.handlers)
 
 from avplugins import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
 from avplugins.checkpoint import load_model  # noqa: E402,F401
+from avplugins.distributed import apply_fairseq_fixes  # noqa: E402
+
+apply_fairseq_fixes()  # safe checkpoint copies and loads, CPU data parallelism (avplugins.distributed)
 
 logging.root.setLevel(_root_level)
 for _handler in list(logging.root.handlers):

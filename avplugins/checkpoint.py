@@ -18,6 +18,10 @@ class UnsafeCheckpointError(RuntimeError):
     """The file holds pickled objects outside the allow-list; it was not loaded."""
 
 
+class CorruptCheckpointError(RuntimeError):
+    """The file is empty, cut short or not a torch checkpoint at all."""
+
+
 def allowed_checkpoint_globals() -> list:
     """The classes a fairseq checkpoint of this project may contain besides tensors."""
     from fairseq.logging import meters
@@ -44,6 +48,7 @@ def load_checkpoint_state(path: str) -> Dict[str, Any]:
     Raises:
         FileNotFoundError: no such file.
         UnsafeCheckpointError: the file needs a class outside the allow-list (nothing of it ran).
+        CorruptCheckpointError: the file is empty, truncated or not a torch checkpoint.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -51,12 +56,25 @@ def load_checkpoint_state(path: str) -> Dict[str, Any]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except torch.serialization.pickle.UnpicklingError as error:
+            if "Unsupported operand" in str(error) or "truncated" in str(error):  # not a pickle
+                raise _corrupt(path, error) from None
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: it contains pickled objects outside the allow-list of "
                 f"tensors, containers and fairseq metrics ({str(error).splitlines()[0]}). A file "
                 "that would run code when unpickled is never loaded here; only use checkpoints "
                 "from sources you trust, and import official ones with `avplugins-convert`."
             ) from None
+        except (RuntimeError, EOFError) as error:  # a zip archive cut short; an empty file
+            raise _corrupt(path, error) from None
+
+
+def _corrupt(path: str, error: Exception) -> CorruptCheckpointError:
+    reason = (str(error).splitlines() or [""])[0] or type(error).__name__
+    return CorruptCheckpointError(
+        f"{path}: not a readable checkpoint: the file is empty, cut short or not a torch file "
+        f"({os.path.getsize(path)} bytes; {reason}). Use another checkpoint of the run "
+        "(checkpoint_best.pt, an earlier checkpoint<N>.pt) or train this stage again."
+    )
 
 
 def load_model_and_config(path: str, device: Optional[str] = None, task_overrides: Optional[dict] = None):

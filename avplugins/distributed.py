@@ -1,10 +1,11 @@
 """Fixes from our side for fairseq's data-parallel training on CPUs and its checkpoint files.
 
-fairseq 0.12 assumes one GPU per worker when it launches data-parallel training, and
-``import avplugins`` as a user dir happens only inside ``fairseq_cli.train.main``, after the
-launcher has decided. So :func:`apply_fairseq_fixes` patches these fairseq functions (never its
-files); ``avplugins-train`` applies them before fairseq starts, and every CPU worker it spawns
-applies them again (a spawned interpreter re-imports fairseq unpatched):
+:func:`apply_fairseq_fixes` patches these fairseq functions (never its files). ``import
+avplugins`` applies it, so every fairseq command that loads the plugin as its user dir
+(``fairseq-hydra-train``, ``fairseq-generate``, ...) has the fixes from then on. fairseq imports
+the user dir only inside ``fairseq_cli.train.main``, after its launcher has decided, so the
+launcher fix needs ``avplugins-train``, which applies them before fairseq starts; every CPU
+worker it spawns applies them again (a spawned interpreter re-imports fairseq unpatched):
 
 - ``distributed_utils.call_main``: fairseq spawns ``min(torch.cuda.device_count(), world_size)``
   workers (none on a CPU), asserts ``world_size <= device_count`` for one machine and divides
@@ -23,11 +24,12 @@ applies them again (a spawned interpreter re-imports fairseq unpatched):
   leaves a truncated ``checkpoint_last.pt``. Our copy goes through a ``.tmp`` file and a rename.
 - ``checkpoint_utils.load_checkpoint_to_cpu`` (resume, ``fairseq-generate``): loads under the
   same allow-list as :func:`avplugins.checkpoint.load_checkpoint_state` and reports a refused
-  file as :class:`avplugins.checkpoint.UnsafeCheckpointError`.
-
-:func:`wait_for_prefetch_threads` and :func:`release_process_groups`, called when training
-returns, avoid crashes at exit.
+  file as :class:`avplugins.checkpoint.UnsafeCheckpointError`, an unreadable one (empty, cut
+  short, not a torch file) as :class:`avplugins.checkpoint.CorruptCheckpointError`.
+- at exit (``atexit``, while the interpreter is still whole): :func:`wait_for_prefetch_threads`
+  and :func:`release_process_groups`, each of which avoids an abort of a finished run.
 """
+import atexit
 import gc
 import logging
 import os
@@ -152,8 +154,6 @@ def _spawned_cpu_worker(local_rank: int, cfg, main, kwargs) -> None:
     dt_cfg.device_id = local_rank
     dt_cfg.distributed_no_spawn = True
     _FAIRSEQ["call_main"](cfg, main, **kwargs)
-    wait_for_prefetch_threads()
-    release_process_groups()
 
 
 def wait_for_prefetch_threads(timeout_s: float = 60.0) -> None:
@@ -228,13 +228,14 @@ def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
     Raises:
         UnsafeCheckpointError: the file holds pickled objects outside the allow-list (torch's
             weights-only unpickler refused them; nothing of them ran).
+        CorruptCheckpointError: the file is empty, truncated or not a torch checkpoint.
     """
     with torch.serialization.safe_globals(allowed_checkpoint_globals()):
         try:
             return _FAIRSEQ["load_checkpoint_to_cpu"](path, arg_overrides, load_on_all_ranks)
-        except pickle.UnpicklingError:
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
             if os.path.isfile(path):
-                load_checkpoint_state(path)  # raises UnsafeCheckpointError naming file and class
+                load_checkpoint_state(path)  # raises the error that names the file and the cause
             raise
 
 
@@ -250,3 +251,5 @@ def apply_fairseq_fixes() -> None:
     distributed_fairseq_model.DistributedDataParallel = CPUCapableDistributedDataParallel
     checkpoint_utils.PathManager = AtomicCopyPathManager
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    atexit.register(release_process_groups)
+    atexit.register(wait_for_prefetch_threads)  # atexit runs the last registered first

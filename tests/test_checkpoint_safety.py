@@ -1,11 +1,12 @@
 """Untrusted checkpoints: a real checkpoint from training loads; a tampered one whose pickle
 would run code (here: create a marker file) is refused and nothing of it runs, through
-``avplugins.load_model``, through fairseq's loader and through ``avplugins-train``'s resume.
+``avplugins.load_model``, through fairseq's loader and through ``avplugins-train``'s resume; an
+unreadable one (cut short, empty, not a torch file) is named with its cause.
 
 fairseq's ``load_checkpoint_to_cpu`` calls ``torch.load`` without ``weights_only``; torch 2.13
 defaults to ``weights_only=True``, so fairseq alone already refuses the payload (checked
-below). ``avplugins-train`` additionally loads under our allow-list and names the refusal
-``UnsafeCheckpointError``. (Setting TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would turn fairseq's
+below). With ``import avplugins`` (every fairseq command with our user dir) it additionally
+loads under our allow-list and names the refusal ``UnsafeCheckpointError``. (Setting TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would turn fairseq's
 default off; ``avplugins.load_model`` passes ``weights_only=True`` explicitly and stays safe.)
 """
 import pickle
@@ -16,7 +17,7 @@ import torch
 from fairseq import checkpoint_utils
 
 import avplugins
-from avplugins.checkpoint import UnsafeCheckpointError, load_checkpoint_state
+from avplugins.checkpoint import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint_state
 from test_distributed import (
     ENV, REPO, SYNCHFORMER_RECIPE, SYNCHFORMER_TEST_OVERRIDES, make_speech_corpus, run_to_end, train_command,
 )
@@ -104,3 +105,13 @@ def test_avplugins_train_refuses_to_resume_from_code_running_checkpoint(trained,
     assert result.returncode != 0
     assert "UnsafeCheckpointError" in output and "checkpoint_last.pt: refused to load" in output, output[-3000:]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "empty", "not a torch file"])
+def test_unreadable_checkpoint_is_named_with_its_cause(trained, tmp_path, damage):
+    data = open(trained[1], "rb").read()
+    broken = tmp_path / "checkpoint_last.pt"
+    broken.write_bytes({"cut short": data[: len(data) // 2], "empty": b"", "not a torch file": b"garbage\n"}[damage])
+    for load in (load_checkpoint_state, checkpoint_utils.load_checkpoint_to_cpu):  # the latter as patched
+        with pytest.raises(CorruptCheckpointError, match=rf"{broken}: not a readable checkpoint: .*cut short"):
+            load(str(broken))

@@ -19,9 +19,9 @@ def with_user_dir(argv: List[str], user_dir: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import avplugins
-    from avplugins.distributed import apply_fairseq_fixes, wait_for_prefetch_threads
+    from avplugins.distributed import apply_fairseq_fixes
 
-    apply_fairseq_fixes()
+    apply_fairseq_fixes()  # done by the import above too; explicit because the launcher needs it
     from fairseq_cli import hydra_train
 
     user_dir = os.path.dirname(os.path.abspath(avplugins.__file__))
@@ -29,7 +29,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Hydra reads the command line from sys.argv
     sys.argv = [sys.argv[0], *with_user_dir(arguments, user_dir)]
     hydra_train.cli_main()
-    wait_for_prefetch_threads()
 
 
 if __name__ == "__main__":
