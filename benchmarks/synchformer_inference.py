@@ -25,7 +25,8 @@ run per segment, so the time of a paper clip is ``14 / S`` times that of S segme
 ``--segments`` smaller than 14 keeps a run short and the table also reports that scaling.
 
     python benchmarks/synchformer_inference.py --threads 2 --segments 2 --repeats 2 \
-        [--official /path/to/Synchformer --official-deps /path/to/site-packages]
+        [--official /path/to/Synchformer --official-deps /path/to/site-packages] \
+        [--profile "ours bf16 weights"]     # where the time of one call goes, per operator and shape
 
 The official code needs timm, einops, transformers and omegaconf; ``--official-deps`` puts a
 folder holding them on ``sys.path`` for that variant only (torchvision, which timm imports but
@@ -216,6 +217,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add torch.compile (inductor, freezing) variants: fp32, bf16 autocast, bf16 weights")
     parser.add_argument("--no-eager", action="store_true", help="leave out the eager baseline")
+    parser.add_argument("--profile", metavar="VARIANT",
+                        help="after the table, torch.profiler's top operators (by input shape) in one "
+                             "call of this variant, e.g. 'ours bf16 weights'")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -269,6 +273,8 @@ def main(argv: List[str] = None) -> None:
             variants[name], compile_seconds[name] = compiled_variant(model, video_in, audio_in, autocast)
             print(f"  {name}: first call (compiling) {compile_seconds[name]:.1f} s", flush=True)
 
+    if args.profile is not None and args.profile not in variants:
+        parser.error(f"--profile {args.profile!r}: not one of the variants {sorted(variants)}")
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} clip(s) of "
           f"{args.segments} segments x 16 frames x 224 px", flush=True)
     rounds, logits = time_rounds(variants, args.repeats, args.warmup)
@@ -305,6 +311,14 @@ def main(argv: List[str] = None) -> None:
         measured = best[variant] / args.batch * scale
         print(f"{str(dtype).replace('torch.', '')}: matmul peak {peak / 1e9:.0f} GFLOP/s -> floor "
               f"{floor:.1f} s / clip; {variant} at {measured:.1f} s is {floor / measured:.0%} of it")
+    if args.profile is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            variants[args.profile]()
+        print()
+        print(f"{args.profile}, one call ({args.segments} segment(s)):")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
