@@ -4,8 +4,9 @@
 avplugins`` applies it, so every fairseq command that loads the plugin as its user dir
 (``fairseq-hydra-train``, ``fairseq-generate``, ...) has the fixes from then on. fairseq imports
 the user dir only inside ``fairseq_cli.train.main``, after its launcher has decided, so the
-launcher fix needs ``avplugins-train``, which applies them before fairseq starts; every CPU
-worker it spawns applies them again (a spawned interpreter re-imports fairseq unpatched):
+launcher fix needs ``avplugins-train``, which imports the plugin before fairseq starts; every
+CPU worker it spawns imports the plugin again (a spawned interpreter starts with fairseq
+unpatched):
 
 - ``distributed_utils.call_main``: fairseq spawns ``min(torch.cuda.device_count(), world_size)``
   workers (none on a CPU), asserts ``world_size <= device_count`` for one machine and divides
@@ -147,8 +148,8 @@ def call_main(cfg, main, **kwargs):
 
 def _spawned_cpu_worker(local_rank: int, cfg, main, kwargs) -> None:
     """Entry point of a CPU worker started by :func:`call_main` in a fresh interpreter (which
-    imported ``avplugins``, registering our tasks, models and criteria, to find this function)."""
-    apply_fairseq_fixes()
+    imported ``avplugins`` to find this function: our tasks, models and criteria are registered
+    and the fixes applied)."""
     dt_cfg = cfg.distributed_training
     dt_cfg.distributed_rank += local_rank
     dt_cfg.device_id = local_rank

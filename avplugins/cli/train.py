@@ -1,6 +1,6 @@
 """``avplugins-train``: ``fairseq-hydra-train`` with the same arguments, for this plugin.
 
-Before fairseq starts it imports ``avplugins`` (registering our tasks, models, criteria) and
+Before fairseq starts it imports ``avplugins`` (registering our tasks, models, criteria), which
 applies :func:`avplugins.distributed.apply_fairseq_fixes`, so that data-parallel training also
 works on CPUs: spawned by fairseq (``distributed_training.distributed_world_size=N``), under
 ``torchrun`` or under SLURM (see notes in the README). ``common.user_dir`` defaults to this
@@ -18,10 +18,7 @@ def with_user_dir(argv: List[str], user_dir: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import avplugins
-    from avplugins.distributed import apply_fairseq_fixes
-
-    apply_fairseq_fixes()  # done by the import above too; explicit because the launcher needs it
+    import avplugins  # applies the fixes, the launcher's included, before fairseq_cli runs
     from fairseq_cli import hydra_train
 
     user_dir = os.path.dirname(os.path.abspath(avplugins.__file__))
