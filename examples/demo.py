@@ -53,10 +53,9 @@ SCHEDULES: Dict[str, Dict[str, list]] = {
         "corpus_speech_long": ["--num-clips", "400", "--min-duration", "9", "--max-duration", "11",
                                "--image-size", "48"],
         "corpus_sparse": ["--num-clips", "300", "--image-size", "48"],
-        # stage 1 as its recipe (1500 updates): stage 2 learns little from towers trained 1000 or fewer
+        # both stages as their recipes (1500 and 1000 updates)
         "sync_stage1": ["common.log_interval=25"],
-        "sync_stage2": ["optimization.max_update=2500", "dataset.validate_interval_updates=250",
-                        "checkpoint.save_interval_updates=250", "common.log_interval=25"],
+        "sync_stage2": ["common.log_interval=25"],
         "d2v_pretrain": ["common.log_interval=10"],  # the recipe's 300 updates
         # the recipe's two fine-tunes, shorter: ASR on audio alone (cheap steps that align the
         # decoder), then from it one audio+video model with modality dropout and babble, which

@@ -54,7 +54,7 @@ BEEP_S = 0.08
 # valid/test: (offset, video crop start) per clip; the flash and the beep stay inside both crops
 FIXED = {"valid": [(-0.8, 2.0), (0.0, 2.4), (1.2, 2.8)], "test": [(0.4, 2.4), (-1.6, 3.0)]}
 STAGE2_LAYOUT = SegmentLayout(num_segments=14, segment_frames=16, stride_frames=8)
-TINY_STAGE2_LAYOUT = SegmentLayout(num_segments=27, segment_frames=16, stride_frames=4)  # sync/tiny_synthetic.yaml
+TINY_STAGE2_LAYOUT = SegmentLayout(num_segments=21, segment_frames=16, stride_frames=5)  # sync/tiny_synthetic.yaml
 TINY_TOWERS = {"video_tubelet_size": 16, "audio_patch_size": 64, "audio_stride": 64}
 
 

@@ -16,14 +16,16 @@ from a stage-2 checkpoint too (the synchronizability fine-tune).
 """
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import II, OmegaConf
 
 from avplugins.checkpoint import load_checkpoint_state
+from avplugins.data import sync_sampling
 from avplugins.data.transforms import normalized_segments
 from avplugins.models._synchformer_towers import (
     TINY_TOWERS,
@@ -60,6 +62,9 @@ class SynchformerConfig(SynchformerTowersConfig):
                   "skips the long plateau at loss ln(21) (SyncTransformer.init_aligned)"},
     )
     num_offset_classes: int = II("task.num_offset_classes")
+    max_offset_s: float = II("task.max_offset_s")
+    segment_stride_frames: int = II("task.segment_stride_frames")
+    video_fps: int = II("task.video_fps")
     offset_head: bool = field(default=True, metadata={"help": "classify the offset over the grid"})
     sync_head: bool = field(default=False, metadata={"help": "add the binary synchronizability head"})
     pretrained_towers: Optional[str] = field(
@@ -86,6 +91,26 @@ def checkpoint_model_part(checkpoint_path: str) -> Tuple[Dict[str, torch.Tensor]
         if cfg.get("model") is not None:
             model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     return state["model"], model_cfg
+
+
+def aligned_class_shifts(cfg: SynchformerConfig) -> List[int]:
+    """Per offset class, the shift in segments from an audio segment to the visual segment that
+    shows the same moment (``offset / segment stride``), for ``SynchformerNet.init_aligned``.
+
+    Raises:
+        ValueError: the grid step is not the segment stride (the names of the fields to set).
+    """
+    grid = sync_sampling.offset_grid(cfg.max_offset_s, cfg.num_offset_classes)
+    stride_s = cfg.segment_stride_frames / cfg.video_fps
+    shifts = grid / stride_s
+    if not np.allclose(shifts, np.round(shifts), atol=1e-6):
+        step_s = float(grid[1] - grid[0])
+        raise ValueError(
+            f"model.sync_init=aligned needs the offset grid step ({step_s:g} s) to be a multiple of the segment "
+            f"stride ({cfg.segment_stride_frames} frames = {stride_s:g} s): set task.segment_stride_frames="
+            f"{step_s * cfg.video_fps:g} (or another divisor), or use model.sync_init=official"
+        )
+    return [int(shift) for shift in np.round(shifts)]
 
 
 @register_model("synchformer", dataclass=SynchformerConfig)
@@ -115,7 +140,7 @@ class SynchformerModel(BaseFairseqModel):
         if cfg.pretrained_towers:
             model.load_towers(cfg.pretrained_towers)
         if cfg.sync_init == "aligned":
-            net.init_aligned()
+            net.init_aligned(aligned_class_shifts(cfg))
         if cfg.pretrained_sync:
             model.load_sync_module(cfg.pretrained_sync)
         return model

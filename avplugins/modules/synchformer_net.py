@@ -1,6 +1,6 @@
 """Synchformer as one plain module: the Motionformer and AST towers, the projections into the
 sync module's width and the sync module; plus stage 1's per-segment pooled embeddings."""
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,13 @@ def pooled_segment_embeddings(features: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def init_feature_copy(projection: nn.Linear) -> None:
-    """Set ``projection`` (``in_features`` -> ``out_features >= in_features``) to copy its input
-    into the first ``in_features`` output channels and leave the others zero (in place)."""
+    """Set ``projection`` (``in_features`` -> ``out_features >= in_features``) to copy its input,
+    minus the mean over the input channels, into the first ``in_features`` output channels and
+    leave the others zero (in place). Centred, the copy has zero mean over all output channels,
+    so a LayerNorm after it leaves the other channels at zero."""
     projection.weight.zero_()
-    projection.weight[:projection.in_features].copy_(torch.eye(projection.in_features))
+    size = projection.in_features
+    projection.weight[:size].copy_(torch.eye(size) - 1.0 / size)
     projection.bias.zero_()
 
 
@@ -67,9 +70,11 @@ class SynchformerNet(nn.Module):
                 init_transformer_weights(projection)
 
     @torch.no_grad()
-    def init_aligned(self) -> None:
+    def init_aligned(self, class_shifts: Sequence[int]) -> None:
         """The aligned initialisation of the sync module (``SyncTransformer.init_aligned``), with
-        the projections starting as copies of the tower features into the content channels."""
+        the projections starting as centred copies of the tower features into the content
+        channels; ``class_shifts[c]``: segments from an audio segment to its visual partner
+        under offset class c."""
         if self.sync is None:
             raise RuntimeError("this SynchformerNet was built without a sync module (stage 1)")
         if self.visual.dim != self.audio.dim:
@@ -78,10 +83,11 @@ class SynchformerNet(nn.Module):
                 f"for both towers, got {self.visual.dim} and {self.audio.dim}: use model.sync_init=official"
             )
         content_dim = self.visual.dim
-        self.sync.aligned_channels(content_dim)  # refuse a too narrow module before changing anything
+        num_segments = self.sync.num_visual_tokens // self.visual.tokens_per_segment
+        self.sync.aligned_channels(content_dim, num_segments)  # refuse a too narrow module before changing anything
         for projection in (self.vproj, self.aproj):
             init_feature_copy(projection)
-        self.sync.init_aligned(content_dim)
+        self.sync.init_aligned(content_dim, class_shifts, self.visual.tokens_per_segment, self.audio.tokens_per_segment)
 
     @classmethod
     def build(
