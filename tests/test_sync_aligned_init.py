@@ -70,6 +70,26 @@ def test_aligned_module_starts_as_the_match_score_of_each_class():
     assert (logits.argmax(-1) == shift + MAX_SHIFT).float().mean() > 0.9
 
 
+def test_aligned_init_reads_segments_of_several_tokens():
+    visual_per_segment, audio_per_segment = 2, 3  # as the paper's towers: several tokens per segment
+    generator = torch.Generator().manual_seed(3)
+    visual, audio, shift = shifted_pairs(128, generator, noise=0.0)
+    visual = visual.repeat_interleave(visual_per_segment, 1)
+    audio = audio.repeat_interleave(audio_per_segment, 1)
+    visual = visual + 0.5 * torch.randn(visual.shape, generator=generator)
+    audio = audio + 0.5 * torch.randn(audio.shape, generator=generator)
+    torch.manual_seed(0)
+    sync = SyncTransformer(SEGMENTS * visual_per_segment, SEGMENTS * audio_per_segment, dim=SYNC_DIM, depth=3,
+                           num_heads=2, num_offset_classes=len(CLASS_SHIFTS), dropout=0.0, attn_dropout=0.0)
+    vproj, aproj = torch.nn.Linear(FEATURE_DIM, SYNC_DIM), torch.nn.Linear(FEATURE_DIM, SYNC_DIM)
+    for projection in (vproj, aproj):
+        init_feature_copy(projection)
+    sync.init_aligned(FEATURE_DIM, CLASS_SHIFTS, visual_per_segment, audio_per_segment)
+    with torch.no_grad():
+        predicted = sync(vproj(visual), aproj(audio))["offset_logits"].argmax(-1)
+    assert (predicted == shift + MAX_SHIFT).float().mean() > 0.9
+
+
 def test_aligned_init_learns_the_shift_where_the_official_init_plateaus():
     accuracy = {}
     for init in ("official", "aligned"):
