@@ -5,35 +5,22 @@ clips at fixed offsets, measured by fairseq-validate on the videos, ends far abo
 (1/21). A few minutes on 2 CPU cores (one thread per process)."""
 import os
 import re
-import subprocess
 import sys
+from functools import partial
 
 import pytest
 
-import avplugins
+import recipe_cli
+from recipe_cli import BIN, USER_DIR, run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-USER_DIR = os.path.dirname(os.path.abspath(avplugins.__file__))
-CONF = os.path.join(REPO, "examples", "synchformer", "conf")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+CONF = os.path.join(recipe_cli.REPO, "examples", "synchformer", "conf")
 RETRIEVAL = re.compile(r"\[train_inner\].*\"accuracy\": \"([0-9.]+)\"")
 TEST_LINE = re.compile(r"valid on 'test' subset.*\| accuracy_1 ([0-9.]+) \| accuracy_1_tol ([0-9.]+)")
 
 
-def run(command, timeout):
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def hydra_train(group, save_dir, overrides, timeout=600):
-    return run(
-        [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(CONF, group),
-         "--config-name", "tiny_synthetic", f"common.user_dir={USER_DIR}", f"checkpoint.save_dir={save_dir}",
-         f"hydra.run.dir={save_dir}/hydra", "common.log_format=json", "dataset.disable_validation=true", *overrides],
-        timeout,
-    )
+def hydra_train(group, save_dir, overrides):
+    return recipe_cli.hydra_train(CONF, group, save_dir, ["common.log_format=json", "dataset.disable_validation=true",
+                                                          *overrides], timeout=600)
 
 
 @pytest.fixture(scope="module")

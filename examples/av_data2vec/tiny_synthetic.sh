@@ -24,32 +24,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 RESULTS=$OUT/results.md
 declare -A MINUTES
 
-stage() {  # stage NAME DONE_FILE COMMAND...: run COMMAND (log OUT/NAME.log) unless DONE_FILE exists
-    local name=$1 done_file=$2
-    shift 2
-    if [[ -e $done_file ]]; then
-        echo "[$name] done before: $done_file"
-        MINUTES[$name]="-"
-        return
-    fi
-    echo "[$name] $* > $OUT/$name.log"
-    local started=$SECONDS
-    if ! "$@" > "$OUT/$name.log" 2>&1; then
-        tail -n 30 "$OUT/$name.log"
-        echo "[$name] failed: the whole log is $OUT/$name.log" >&2
-        exit 1
-    fi
-    MINUTES[$name]=$(awk -v s=$((SECONDS - started)) 'BEGIN { printf "%.1f", s / 60 }')
-    echo "[$name] ${MINUTES[$name]} min"
-}
-
-train() {  # train GROUP SAVE_DIR OVERRIDES...
-    local group=$1 save_dir=$2
-    shift 2
-    fairseq-hydra-train --config-dir "$CONF/$group" --config-name tiny_synthetic \
-        task.data="$DATA" common.user_dir="$USER_DIR" checkpoint.save_dir="$save_dir" \
-        hydra.run.dir="$save_dir/hydra" "$@"
-}
+source "$(dirname "$0")/../recipe_stages.sh"
 
 wer() {  # wer CHECKPOINT MODALITIES SNR(clean|dB): prints the WER of the test set
     local noise=() log="$OUT/decode_$(basename "$(dirname "$1")")_${2/,/+}_$3.log"

@@ -28,32 +28,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 RESULTS=$OUT/results.md
 declare -A MINUTES
 
-stage() {  # stage NAME DONE_FILE COMMAND...: run COMMAND (log OUT/NAME.log) unless DONE_FILE exists
-    local name=$1 done_file=$2
-    shift 2
-    if [[ -e $done_file ]]; then
-        echo "[$name] done before: $done_file"
-        MINUTES[$name]="-"
-        return
-    fi
-    echo "[$name] $* > $OUT/$name.log"
-    local started=$SECONDS
-    if ! "$@" > "$OUT/$name.log" 2>&1; then
-        tail -n 30 "$OUT/$name.log"
-        echo "[$name] failed: the whole log is $OUT/$name.log" >&2
-        exit 1
-    fi
-    MINUTES[$name]=$(awk -v s=$((SECONDS - started)) 'BEGIN { printf "%.1f", s / 60 }')
-    echo "[$name] ${MINUTES[$name]} min"
-}
-
-train() {  # train GROUP SAVE_DIR OVERRIDES...
-    local group=$1 save_dir=$2
-    shift 2
-    fairseq-hydra-train --config-dir "$CONF/$group" --config-name tiny_synthetic \
-        task.data="$DATA" common.user_dir="$USER_DIR" checkpoint.save_dir="$save_dir" \
-        hydra.run.dir="$save_dir/hydra" common.log_format=json "$@"
-}
+source "$(dirname "$0")/../recipe_stages.sh"
 
 test_accuracy() {  # test_accuracy CHECKPOINT: "acc@1 | +-1 | acc@5" (%) on the test set
     local log="$OUT/test_$(basename "$1" .pt).log"
@@ -70,11 +45,13 @@ stage corpus "$DATA/corpus.json" avplugins-synth "$KIND" --out "$DATA" --num-cli
 stage offsets "$DATA/test_offsets.csv" python -m preprocess.sync_offsets "$DATA" --splits valid test --seed 0
 stage decode "$OUT/decoded/decoded.json" python -m preprocess.cache_sync_features decode "$DATA" "$OUT/decoded" \
     --splits train valid --resize-short-side 48
-stage stage1 "$OUT/stage1/checkpoint_last.pt" train pretrain "$OUT/stage1" task.decoded_clips="$OUT/decoded"
+stage stage1 "$OUT/stage1/checkpoint_last.pt" train pretrain "$OUT/stage1" common.log_format=json \
+    task.decoded_clips="$OUT/decoded"
 stage features "$OUT/features/meta.json" python -m preprocess.cache_sync_features features \
     "$OUT/stage1/checkpoint_last.pt" "$DATA" "$OUT/features" --splits train valid --decoded "$OUT/decoded" \
     --device "$DEVICE"
-stage stage2 "$OUT/stage2/checkpoint_last.pt" train sync "$OUT/stage2" task.feature_cache="$OUT/features" \
+stage stage2 "$OUT/stage2/checkpoint_last.pt" train sync "$OUT/stage2" common.log_format=json \
+    task.feature_cache="$OUT/features" \
     model.pretrained_towers="$OUT/stage1/checkpoint_last.pt"
 
 echo "[test] fairseq-validate on the $(($(wc -l < "$DATA/test.tsv") - 1)) test clips"
