@@ -526,3 +526,27 @@ def test_feature_cache_train_validate_and_load_model(corpus, stage1_checkpoint, 
         output = model(video=batch["net_input"]["video"], audio=batch["net_input"]["audio"])
     assert output["offset_logits"].shape == (2, 21) and torch.isfinite(output["offset_logits"]).all()
     assert not model.training
+
+
+def test_stage2_checkpoint_loads_without_running_its_aligned_init(corpus, tmp_path):
+    """Loading builds the model before the checkpoint's weights replace it: the aligned init must
+    not run then (this layout of an earlier tiny recipe, 27 segments 4 frames apart, is one it
+    refuses now)."""
+    from fairseq import models, tasks
+    from omegaconf import OmegaConf
+
+    def config(sync_init):
+        return fairseq_config(
+            "synchformer_tiny", "av_sync", "av_sync_offset", model_overrides={**TINY_TOWERS, "sync_init": sync_init},
+            task_overrides={"data": str(corpus), "crop_size": SIZE, "num_segments": 27, "segment_stride_frames": 4},
+        )
+
+    official = OmegaConf.create(config("official"))
+    torch.manual_seed(0)
+    model = models.build_model(official.model, tasks.setup_task(official.task))
+    path = tmp_path / "stage2.pt"
+    save_checkpoint(fairseq_checkpoint(config("aligned"), model.state_dict()), str(path))
+    loaded = avplugins.load_model(str(path))
+    assert loaded.cfg.num_segments == 27
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -48,12 +48,14 @@ class AVSyncTask(AVSyncTaskBase):
     cfg: AVSyncConfig
 
     def build_model(self, cfg, from_checkpoint: bool = False):
-        """Build the model; from a checkpoint, skip loading pretrained parts (the checkpoint's own
-        weights replace them). Otherwise check that a feature cache was computed by these towers."""
+        """Build the model; from a checkpoint, skip loading pretrained parts and the aligned init
+        (the checkpoint's own weights replace them). Otherwise check that a feature cache was
+        computed by these towers."""
         if from_checkpoint:
             with open_dict(cfg):
                 cfg.pretrained_towers = None
                 cfg.pretrained_sync = None
+                cfg.sync_init = "official"
         model = super().build_model(cfg, from_checkpoint)
         if self.cfg.feature_cache and not from_checkpoint:
             self.check_feature_cache(model)
