@@ -7,7 +7,8 @@ fairseq's ``load_checkpoint_to_cpu`` calls ``torch.load`` without ``weights_only
 defaults to ``weights_only=True``, so fairseq alone already refuses the payload (checked
 below). With ``import avplugins`` (every fairseq command with our user dir) it additionally
 loads under our allow-list and names the refusal ``UnsafeCheckpointError``. (Setting
-TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would turn fairseq's default off; ``avplugins.load_model`` passes ``weights_only=True`` explicitly and stays safe.)
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 would turn fairseq's default off; ``avplugins.load_model``
+passes ``weights_only=True`` explicitly and stays safe.)
 """
 import pickle
 import subprocess

@@ -26,15 +26,15 @@ def shifted_pairs(batch: int, generator: torch.Generator, noise: float = 0.5):
     return visual, audio + noise * torch.randn(audio.shape, generator=generator), shift
 
 
-def sync_module(init: str):
+def sync_module(init: str, visual_per_segment: int = 1, audio_per_segment: int = 1):
     torch.manual_seed(0)
-    sync = SyncTransformer(SEGMENTS, SEGMENTS, dim=SYNC_DIM, depth=3, num_heads=2,
-                           num_offset_classes=len(CLASS_SHIFTS), dropout=0.0, attn_dropout=0.0)
+    sync = SyncTransformer(SEGMENTS * visual_per_segment, SEGMENTS * audio_per_segment, dim=SYNC_DIM, depth=3,
+                           num_heads=2, num_offset_classes=len(CLASS_SHIFTS), dropout=0.0, attn_dropout=0.0)
     vproj, aproj = torch.nn.Linear(FEATURE_DIM, SYNC_DIM), torch.nn.Linear(FEATURE_DIM, SYNC_DIM)
     if init == "aligned":
         for projection in (vproj, aproj):
             init_feature_copy(projection)
-        sync.init_aligned(FEATURE_DIM, CLASS_SHIFTS)
+        sync.init_aligned(FEATURE_DIM, CLASS_SHIFTS, visual_per_segment, audio_per_segment)
     return sync, vproj, aproj
 
 
@@ -78,13 +78,7 @@ def test_aligned_init_reads_segments_of_several_tokens():
     audio = audio.repeat_interleave(audio_per_segment, 1)
     visual = visual + 0.5 * torch.randn(visual.shape, generator=generator)
     audio = audio + 0.5 * torch.randn(audio.shape, generator=generator)
-    torch.manual_seed(0)
-    sync = SyncTransformer(SEGMENTS * visual_per_segment, SEGMENTS * audio_per_segment, dim=SYNC_DIM, depth=3,
-                           num_heads=2, num_offset_classes=len(CLASS_SHIFTS), dropout=0.0, attn_dropout=0.0)
-    vproj, aproj = torch.nn.Linear(FEATURE_DIM, SYNC_DIM), torch.nn.Linear(FEATURE_DIM, SYNC_DIM)
-    for projection in (vproj, aproj):
-        init_feature_copy(projection)
-    sync.init_aligned(FEATURE_DIM, CLASS_SHIFTS, visual_per_segment, audio_per_segment)
+    sync, vproj, aproj = sync_module("aligned", visual_per_segment, audio_per_segment)
     with torch.no_grad():
         predicted = sync(vproj(visual), aproj(audio))["offset_logits"].argmax(-1)
     assert (predicted == shift + MAX_SHIFT).float().mean() > 0.9

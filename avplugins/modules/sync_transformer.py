@@ -178,10 +178,11 @@ class SyncTransformer(nn.Module):
         num_classes = self.offset_head.out_features if self.offset_head is not None else 0
         if len(class_shifts) != num_classes:
             raise ValueError(f"class_shifts has {len(class_shifts)} entries for {num_classes} offset classes")
-        for count, name, tokens_per_segment in (
-            (self.num_visual_tokens, "visual", visual_tokens_per_segment),
-            (self.num_audio_tokens, "audio", audio_tokens_per_segment),
-        ):
+        streams = (  # name, first token, tokens, tokens per segment, modality sign
+            ("visual", 1, self.num_visual_tokens, visual_tokens_per_segment, 1.0),
+            ("audio", 2 + self.num_visual_tokens, self.num_audio_tokens, audio_tokens_per_segment, -1.0),
+        )
+        for name, _, count, tokens_per_segment, _ in streams:
             if count % tokens_per_segment:
                 raise ValueError(f"{count} {name} tokens are not whole segments of {tokens_per_segment}")
         num_segments = self.num_visual_tokens // visual_tokens_per_segment
@@ -190,8 +191,6 @@ class SyncTransformer(nn.Module):
         channels = self.aligned_channels(content_dim, num_segments)
         dim, segment, scores = self.dim, channels["segment"], channels["scores"]
         modality, off_flag = channels["modality"], channels["off_flag"]
-        visual = slice(1, 1 + self.num_visual_tokens)
-        audio = slice(2 + self.num_visual_tokens, None)
         pairs = [(s, c, s + shift) for c, shift in enumerate(class_shifts)
                  for s in range(num_segments) if 0 <= s + shift < num_segments]
         num_scores = scores.stop - scores.start
@@ -210,13 +209,11 @@ class SyncTransformer(nn.Module):
         self.off_token.zero_()
         self.mod_token.zero_()
         self.pos_embed.zero_()
-        self.pos_embed[0, visual, modality] = modality_code
-        self.pos_embed[0, audio, modality] = -modality_code
         self.pos_embed[0, 0, off_flag] = modality_code
-        for first_token, count, per_segment in ((1, self.num_visual_tokens, visual_tokens_per_segment),
-                                                (2 + self.num_visual_tokens, self.num_audio_tokens, audio_tokens_per_segment)):
+        for _, first_token, count, tokens_per_segment, sign in streams:
             token_index = torch.arange(count)
-            self.pos_embed[0, first_token + token_index, segment.start + token_index // per_segment] = 1.0
+            self.pos_embed[0, first_token + token_index, modality] = sign * modality_code
+            self.pos_embed[0, first_token + token_index, segment.start + token_index // tokens_per_segment] = 1.0
 
         def token_stats(channel_values):
             """(mean, std) LayerNorm sees on a token whose stream-normed content (sum of
@@ -231,7 +228,8 @@ class SyncTransformer(nn.Module):
         for projection in (query, key, value):
             projection[:head_dim].zero_()
         zero_head_biases(first, head=0)
-        _, std_input = token_stats([modality_code, 1.0])
+        # either stream's input tokens (the modality sign does not change the spread)
+        mean_visual, std_input = token_stats([modality_code, 1.0])
         compared = min(content_dim, head_dim - 1)
         content_gain = (match_sharpness * std_input**2 * head_dim**0.5 / dim) ** 0.5
         query[:compared, :compared] = content_gain * torch.eye(compared)
@@ -241,7 +239,6 @@ class SyncTransformer(nn.Module):
         value[:num_segments, segment] = torch.eye(num_segments)
         # the value sees (one-hot - mean) / std of LayerNorm: the projection undoes it, so an audio
         # token receives exactly p(s') in the first score channels
-        mean_visual, _ = token_stats([modality_code, 1.0])
         first.proj.weight[scores.start:scores.start + num_segments, :num_segments] = std_input * torch.eye(num_segments)
         first.proj.bias[scores.start:scores.start + num_segments] = mean_visual
 
